@@ -1,0 +1,1 @@
+"""LinearSR ckpt_analysis."""

@@ -1,0 +1,5 @@
+import sys
+
+from linearsr.main import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The `linearsr` command. Each subcommand lives in the module that owns it and is imported
+only when used, so `linearsr upscale` does not pay for importing Ray or DeepSpeed.
+
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("linearsr.data.cli", "build WebDataset shards from an image folder (local or s3://)"),
+    "train": ("linearsr.cluster.cli_train", "pretrain or fine-tune on a local or attached Ray cluster"),
+    "submit": ("linearsr.cluster.cli_submit", "submit a training run as a Ray Job to a cluster"),
+    "export": ("linearsr.trainer.export", "consolidate a checkpoint into a 1-expert bundle (safetensors)"),
+    "analyze": ("linearsr.ckpt_analysis.cli", "find the knee checkpoint (one-shot, or --watch as the sidecar)"),
+    "experts": ("linearsr.ckpt_analysis.cli_experts", "fine-tune one expert per log-SNR interval and build the bundle"),
+    "upscale": ("linearsr.model.upscale", "upscale images with a bundle"),
+    "eval": ("linearsr.trainer.evaluate", "evaluate a bundle against bicubic: PSNR, SSIM, LPIPS, pictures"),
+    "tagger": ("linearsr.trainer.tagger", "train the small TAG tagger on the tags stored in the shards"),
+    "bench": ("linearsr.trainer.bench", "benchmarks: attention, data, train"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: linearsr COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `linearsr COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from linearsr import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"linearsr: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"linearsr {name}", description=help_)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    setup_logging(args.verbose)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
+        # user-facing errors are one sentence; internal bugs (asserts, others) keep their traceback
+        logging.getLogger("linearsr").debug("error detail", exc_info=True)
+        print(f"linearsr {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"linearsr {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
