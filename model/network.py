@@ -1,0 +1,249 @@
+"""LinearSR: a linear-attention DiT that predicts the flow velocity of an SR residual.
+
+Data path (B images, HR grid H x W, autoencoder factor f, patch p):
+    lr [B,3,h,w] --bicubic x scale--> up [B,3,H,W] --encode--> cond [B,C,H/f,W/f]
+    x0 = (enc(hr) - cond) * residual_scale      (with cfg.residual; a zero x0 is bicubic)
+    x_t = (1-t) x0 + t eps;  the net sees concat(c_in x_t, cond) -> patch embed -> blocks -> v
+Blocks (SANA-style): adaLN-single time modulation, global ReLU linear attention, tag
+cross-attention (softmax over the null token + <= max_tags tags), Mix-FFN. No positional
+embedding: the depthwise 3x3 conv carries position. Any H x W: reflect-padded to a multiple
+of f*p and cropped back by `decode`.
+
+Output preconditioning (EDM-style, for unit-variance x0 and eps):
+    v_hat = c_skip(t) x_t + c_out(t) F,   c_skip = (2t-1)/s,  c_out = c_in = 1/sqrt(s),  s = (1-t)^2 + t^2
+so with the zero-initialised head, v_hat(t=1) = x_1 and the 1-NFE estimate x_1 - v_hat is 0 (= bicubic)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from linearsr.model.attention import linear_attention
+from linearsr.model.autoencoder import build_autoencoder
+from linearsr.model.config import ModelConfig
+from linearsr.model.flow import interpolate, velocity_target
+from linearsr.model.tags import TagEmbedder, drop_tags
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, C]; shift, scale: [B, C]."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t: [B] in [0, 1] -> [B, dim] sinusoidal features of 1000 t (as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class LinearAttention(nn.Module):
+    """Global ReLU linear attention over the image tokens. x: [B, N, C] -> [B, N, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.backend, self.eps = cfg.heads, cfg.attention, cfg.attention_eps
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        num_b, num_n, num_c = x.shape
+        q, k, v = self.qkv(x).view(num_b, num_n, 3, self.heads, num_c // self.heads).unbind(2)
+        o = linear_attention(q, k, v, backend=self.backend, eps=self.eps)
+        return self.proj(o.reshape(num_b, num_n, num_c))
+
+
+class TagCrossAttention(nn.Module):
+    """Image tokens attend (softmax) to the tag tokens. x: [B, N, C], tags: [B, T, C], mask: [B, T]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm = nn.LayerNorm(cfg.width)
+        self.q = nn.Linear(cfg.width, cfg.width)
+        self.kv = nn.Linear(cfg.width, 2 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        num_b, num_n, num_c = x.shape
+        d = num_c // self.heads
+        q = self.q(self.norm(x)).view(num_b, num_n, self.heads, d).transpose(1, 2)
+        k, v = self.kv(tags).view(num_b, -1, 2, self.heads, d).unbind(2)
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :])
+        return self.proj(o.transpose(1, 2).reshape(num_b, num_n, num_c))
+
+
+class MixFFN(nn.Module):
+    """1x1 -> depthwise 3x3 -> gated (SiLU) -> 1x1, on the token grid. x: [B, N, C] -> [B, N, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(round(cfg.mlp_ratio * cfg.width))
+        self.inverted = nn.Linear(cfg.width, 2 * hidden)
+        self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.point = nn.Linear(hidden, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        num_b, num_n, _ = x.shape
+        h = F.silu(self.inverted(x)).transpose(1, 2).reshape(num_b, -1, *hw)
+        h = self.depthwise(h).flatten(2).transpose(1, 2)
+        h, gate = h.chunk(2, dim=-1)
+        return self.point(h * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
+        if cfg.mixer == "gla_bidir":
+            from linearsr.model.kernels.gla import BidirectionalGLA
+
+            self.attn = BidirectionalGLA(cfg.width, cfg.heads, cfg.attention)
+        else:
+            self.attn = LinearAttention(cfg)
+        self.cross = TagCrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
+        self.ffn = MixFFN(cfg)
+        # adaLN-single: per-block learned offsets of the shared time modulation; gates start at 0
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.width))
+
+    def forward(self, x, hw, t_mod, tags, tag_mask):
+        """x: [B, N, C]; t_mod: [B, 6, C]; tags: [B, T, C]; tag_mask: [B, T]."""
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table[None] + t_mod).unbind(1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), hw)
+        x = x + self.cross(x, tags, tag_mask)
+        return x + gate_f[:, None] * self.ffn(modulate(self.norm2(x), shift_f, scale_f), hw)
+
+
+class LinearSR(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._ae = (build_autoencoder(cfg),)  # a tuple: frozen, not part of the state dict
+        ch, width, p = self.ae.channels, cfg.width, cfg.patch_size
+        self.patch_embed = nn.Conv2d(2 * ch, width, p, stride=p)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.tag_embed = TagEmbedder(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_table = nn.Parameter(torch.zeros(2, width))
+        self.final = nn.Linear(width, p * p * ch)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        for m in self.time_mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in (self.t_block[1], self.final, *(b.cross.proj for b in self.blocks)):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def ae(self):
+        return self._ae[0]
+
+    def _apply(self, fn, recurse=True):
+        self.ae._apply(fn, recurse)  # .to()/.cuda()/.float() also move the frozen autoencoder
+        return super()._apply(fn, recurse)
+
+    @property
+    def multiple(self) -> int:
+        """The HR grid must be a multiple of this; other sizes are reflect-padded."""
+        return self.ae.factor * self.cfg.patch_size
+
+    def _encode_image(self, img: torch.Tensor) -> torch.Tensor:
+        """img: [B, 3, H, W] in [0, 1] -> [B, C, H'/f, W'/f], reflect-padded to the grid."""
+        m = self.multiple
+        pad_h, pad_w = (-img.shape[-2]) % m, (-img.shape[-1]) % m
+        x = img * 2 - 1
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(x.shape[-2:]) > max(pad_h, pad_w) else "replicate")
+        return self.ae.encode(x)
+
+    def upsample(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr: [B, 3, h, w] -> bicubic [B, 3, h*s, w*s], clamped to [0, 1]."""
+        s = self.cfg.scale
+        return F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_condition(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr: [B, 3, h, w] in [0, 1] -> cond [B, C, H'/f, W'/f] (also the shape of x_t and noise)."""
+        return self._encode_image(self.upsample(lr))
+
+    @torch.no_grad()
+    def target(self, hr: torch.Tensor, lr: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The x0 the flow generates for this (HR, LR) pair; same shape as cond."""
+        if hr.shape[-2:] != (lr.shape[-2] * self.cfg.scale, lr.shape[-1] * self.cfg.scale):
+            raise ValueError(f"hr {tuple(hr.shape[-2:])} is not lr {tuple(lr.shape[-2:])} x scale {self.cfg.scale}")
+        z = self._encode_image(hr)
+        if not self.cfg.residual:
+            return z
+        cond = self.encode_condition(lr) if cond is None else cond
+        return (z - cond) * self.cfg.residual_scale
+
+    def decode(self, x0: torch.Tensor, lr: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 (as from `target`) -> image [B, 3, h*s, w*s] in [0, 1]."""
+        if self.cfg.residual:
+            cond = self.encode_condition(lr) if cond is None else cond
+            x0 = x0 / self.cfg.residual_scale + cond
+        img = self.ae.decode(x0)[..., : lr.shape[-2] * self.cfg.scale, : lr.shape[-1] * self.cfg.scale]
+        return ((img + 1) / 2).clamp(0, 1)
+
+    def forward(self, x_t, t, cond, tags) -> torch.Tensor:
+        """One network evaluation. x_t, cond: [B, C, H', W']; t: [B]; tags: B lists -> v_hat like x_t."""
+        num_b, _, h, w = x_t.shape
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent grid {h}x{w} is not a multiple of model.patch_size={p}; pad the image first")
+        s = ((1 - t) ** 2 + t**2).view(-1, 1, 1, 1).to(x_t.dtype)
+        c_skip, c_in = (2 * t.view(-1, 1, 1, 1).to(x_t.dtype) - 1) / s, s.rsqrt()
+        x = self.patch_embed(torch.cat([c_in * x_t, cond.to(x_t.dtype)], dim=1))
+        hw = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        t_emb = self.time_mlp(timestep_features(t, self.cfg.time_freq_dim).to(x.dtype))
+        t_mod = self.t_block(t_emb).view(num_b, 6, -1)
+        tag_tok, tag_mask = self.tag_embed(tags)
+        for block in self.blocks:
+            x = block(x, hw, t_mod, tag_tok.to(x.dtype), tag_mask)
+        shift, scale = (self.final_table[None] + t_emb[:, None]).unbind(1)
+        out = self.final(modulate(self.final_norm(x), shift, scale))  # [B, N, p*p*C]
+        out = out.transpose(1, 2).reshape(num_b, -1, *hw)
+        out = F.pixel_shuffle(out, p) if p > 1 else out
+        return c_skip * x_t + c_in * out
+
+    def velocity(self, x_t, t, cond, tags, guidance: float = 1.0) -> torch.Tensor:
+        """v_hat with classifier-free guidance: v_u + g (v_c - v_u); one pass when g == 1 or no tags.
+        t: a float or [B]."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0]).contiguous()
+        if guidance == 1.0 or not any(tags):
+            return self(x_t, t, cond, tags)
+        num_b = x_t.shape[0]
+        v = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), list(tags) + [[]] * num_b)
+        v_cond, v_uncond = v[:num_b], v[num_b:]
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def loss(self, hr, lr, tags, t, noise=None) -> torch.Tensor:
+        """Per-sample flow-matching loss [B]: mean squared error of v_hat against eps - x0.
+        hr: [B, 3, h*s, w*s], lr: [B, 3, h, w] in [0, 1]; t: [B]. Tag dropout in train()."""
+        cond = self.encode_condition(lr)
+        x0 = self.target(hr, lr, cond)
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = interpolate(x0, noise, t)
+        if self.training and self.cfg.tag_dropout > 0:
+            tags = drop_tags(tags, self.cfg.tag_dropout)
+        v_hat = self(x_t, t.to(x0.device).float(), cond, tags)
+        return (v_hat.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
