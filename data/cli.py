@@ -1,0 +1,40 @@
+"""`linearsr shards build SRC DEST`: WebDataset shards from a folder of images (local or any fsspec URL).
+
+S3 destinations use AWS_ENDPOINT_URL and the usual AWS credentials from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from linearsr.data.shards import build_shards, read_manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build train/val shards and manifest.json from an image folder")
+    b.add_argument("src", help="folder (recursive) or fsspec URL of images: jpg, png, webp, bmp, tif")
+    b.add_argument("dest", help="shard root: a local folder or s3://bucket/prefix")
+    b.add_argument("--samples-per-shard", type=int, default=64, help="samples per .tar (default 64)")
+    b.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images for validation, chosen by key hash (default 0.1)")
+    b.add_argument("--max-side", type=int, default=None, help="down-scale images whose longest side is larger (stored as PNG)")
+    b.add_argument("--tags", default=None, help="JSON file {image name: [tags]} (name = relative path, file name or stem)")
+    b.add_argument("--seed", type=int, default=0, help="orders the samples inside the splits (not the split itself)")
+    b.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i = sub.add_parser("info", help="print a shard root's manifest summary")
+    i.add_argument("root", help="shard root (folder or s3://bucket/prefix)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        m = build_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
+                         max_side=args.max_side, tags=args.tags, seed=args.seed, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    else:
+        m = read_manifest(args.root)
+    summary = {s: {k: v[k] for k in ("samples", "bytes")} | {"shards": len(v["shards"])} for s, v in m["splits"].items()}
+    print(json.dumps({"splits": summary, "tags": len(m["tags"]), "skipped": [x["source"] for x in m["skipped"]]}))
+    for x in m["skipped"]:
+        print(f"skipped {x['source']}: {x['error']}")
+    return 0

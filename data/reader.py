@@ -1,0 +1,143 @@
+"""Reading samples out of shards, with every fault counted instead of raised.
+
+Faults and their `skips` reason (counts are in SAMPLES lost, so skipped / read is a fraction):
+    missing_shard     the shard does not exist (FileNotFoundError)
+    unreadable_shard  it could not be opened even after the S3 retries (network, permissions)
+    truncated_shard   the tar stream broke off (tarfile.ReadError "unexpected end of data")
+    short_shard       the shard ended early without an error (a damaged tar header ends a tar
+                      stream silently) -- noticed by comparing with the manifest's count
+    corrupt_image     the image bytes do not decode
+    corrupt_sample    a sample without an image, or with unreadable JSON metadata
+Each fault is logged as a warning the first time it is seen in a process (then at debug level).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import tar_file_iterator
+
+from linearsr.data import s3
+from linearsr.data.shards import describe, read_manifest, shard_list
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class Stats:
+    """Counters of one stream in one process (a DataLoader worker or the main process)."""
+
+    def __init__(self, worker: int = 0):
+        self.worker = worker
+        self.skips: dict[str, int] = {}
+        self.decoded = 0  # samples read and decoded (some may still sit in a shuffle buffer)
+        self.samples = 0  # samples delivered in batches
+        self._retry_base = s3.retry_count()  # forked workers inherit the parent's count
+        self._warned: set = set()
+
+    def skip(self, reason: str, n: int, where: str, detail: str) -> None:
+        if n <= 0:
+            return
+        self.skips[reason] = self.skips.get(reason, 0) + n
+        level = logging.DEBUG if (reason, where) in self._warned else logging.WARNING
+        self._warned.add((reason, where))
+        log.log(level, "data: skipped %d sample(s), %s: %s (%s)", n, reason.replace("_", " "), where, detail)
+
+    def snapshot(self) -> dict:
+        return {"worker": self.worker, "skips": dict(self.skips), "decoded": self.decoded, "samples": self.samples,
+                "retries": s3.retry_count() - self._retry_base}
+
+
+def _split_name(fname: str) -> tuple[str, str]:
+    """'dir/KEY.ext.more' -> ('dir/KEY', 'ext.more'), WebDataset's key convention."""
+    head, _, tail = fname.rpartition("/")
+    stem, _, ext = tail.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _group(files: Iterator[dict]) -> Iterator[dict]:
+    current: dict | None = None
+    for f in files:
+        key, ext = _split_name(f["fname"])
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        current[ext] = f["data"]
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | None = None,
+               endpoint: str | None = None, retries: int = 5) -> Iterator[dict]:
+    """Raw samples {"__key__", ext: bytes, ...} of one shard whose index lies in `window`
+    (default: all `expected`), accounting every sample of the window that does not arrive."""
+    lo, hi = window or (0, expected)
+    index = got = 0
+    try:
+        stream = s3.open_url(url, endpoint=endpoint, retries=retries)
+    except FileNotFoundError as e:
+        stats.skip("missing_shard", hi - lo, url, str(e).splitlines()[0])
+        return
+    except Exception as e:
+        stats.skip("unreadable_shard", hi - lo, url, f"{type(e).__name__}: {e}")
+        return
+    try:
+        with stream:
+            for sample in _group(tar_file_iterator(stream)):
+                if index >= hi:
+                    return
+                if index >= lo:
+                    got += 1
+                    yield sample
+                index += 1
+    except (tarfile.TarError, EOFError) as e:
+        stats.skip("truncated_shard", hi - lo - got, url, f"{type(e).__name__}: {e} after {index} samples")
+        return
+    except OSError as e:  # the connection failed for good in the middle of the shard
+        stats.skip("unreadable_shard", hi - lo - got, url, f"{type(e).__name__}: {e} after {index} samples")
+        return
+    if got < hi - lo:
+        stats.skip("short_shard", hi - lo - got, url, f"ended after {index} samples, manifest says {expected}")
+
+
+def decode(sample: dict, stats: Stats, max_tags: int = 8) -> tuple[np.ndarray, list[str]] | None:
+    """(HR image [H, W, 3] uint8, tags) of a raw sample, or None (counted) when it is unusable."""
+    key = sample["__key__"]
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        stats.skip("corrupt_sample", 1, key, f"no image in the sample (has {sorted(k for k in sample if k != '__key__')})")
+        return None
+    tags: list[str] = []
+    if "json" in sample:
+        try:
+            tags = [str(t).strip().lower() for t in json.loads(sample["json"]).get("tags", [])][:max_tags]
+        except (ValueError, AttributeError) as e:
+            stats.skip("corrupt_sample", 1, key, f"bad JSON metadata: {e}")
+            return None
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
+        stats.skip("corrupt_image", 1, key, describe(e))
+        return None
+    stats.decoded += 1
+    return arr, tags
+
+
+def iter_samples(root: str, split: str = "train", endpoint: str | None = None, retries: int = 5,
+                 stats: Stats | None = None) -> Iterator[dict]:
+    """Every raw sample of one split in manifest order: {"__key__", "png"|"jpg": bytes, "json": bytes}.
+    For tools that want the stored bytes (the tagger, tests); training uses the loaders."""
+    manifest = read_manifest(root, endpoint, retries)
+    stats = stats or Stats()
+    for url, expected in shard_list(root, manifest, split):
+        yield from read_shard(url, expected, stats, endpoint=endpoint, retries=retries)

@@ -1,0 +1,135 @@
+"""Reading shards from s3:// (and any fsspec URL) with retries, exponential backoff and a counter.
+
+Importing this module registers `webdataset.gopen_schemes["s3"]`, so `wds.WebDataset("s3://...")`
+works too (at module top level: DataLoader workers that import it see it). webdataset 1.0.2 has no
+s3 opener of its own, and `pipe:aws s3 cp` was 7x slower here.
+
+Every S3 request is retried by this module alone (botocore's and s3fs's own retries are switched
+off), so `retry_count()` counts every retry. The endpoint is `endpoint` if given, else
+AWS_ENDPOINT_URL, else AWS; credentials come from the environment / AWS config and are never logged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import threading
+import time
+from typing import Callable, TypeVar
+
+import fsspec
+import webdataset
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK = 8 << 20  # bytes per ranged GET while streaming a shard
+_lock = threading.Lock()
+_retries = 0
+_filesystems: dict = {}
+
+
+def retry_count() -> int:
+    """Retries made by this process since it started (forked workers inherit the parent's count)."""
+    return _retries
+
+
+def _count_retry() -> None:
+    global _retries
+    with _lock:
+        _retries += 1
+
+
+def endpoint_url(endpoint: str | None = None) -> str | None:
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_filesystem(endpoint: str | None = None):
+    """One s3fs filesystem per (process, endpoint), with its internal retries off (ours count them)."""
+    import s3fs
+
+    ep = endpoint_url(endpoint)
+    key = (os.getpid(), ep)
+    if key not in _filesystems:
+        _filesystems[key] = s3fs.S3FileSystem(
+            endpoint_url=ep,
+            retries=1,
+            config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
+            skip_instance_cache=True,
+        )
+    return _filesystems[key]
+
+
+def filesystem(url: str, endpoint: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a local path, s3:// URL (our s3fs settings) or any fsspec URL."""
+    if url.startswith("s3://"):
+        return s3_filesystem(endpoint), url[len("s3://"):]
+    return fsspec.core.url_to_fs(url)
+
+
+def _fatal(e: BaseException) -> bool:
+    """Errors that no retry can fix: a missing object or bucket, denied access, bad arguments."""
+    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError))
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.1, max_delay: float = 5.0) -> T:
+    """Call fn(); on a transient error retry up to `retries` times with jittered exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if _fatal(e) or attempt == retries:
+                raise
+            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
+            _count_retry()
+            log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, e, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class RetryingReader(io.RawIOBase):
+    """A sequential reader over one object: ranged GETs of CHUNK bytes, each retried on failure,
+    so a connection reset in the middle of a shard costs one retried request, not the shard."""
+
+    def __init__(self, fs, path: str, retries: int, chunk: int = CHUNK):
+        super().__init__()
+        self.fs, self.path, self.retries, self.chunk = fs, path, retries, chunk
+        self.size = with_retries(lambda: fs.size(path), f"HEAD s3://{path}", retries)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.pos >= self.size:
+            return 0
+        end = min(self.size, self.pos + min(len(b), self.chunk))
+        start = self.pos
+        data = with_retries(lambda: self.fs.cat_file(self.path, start=start, end=end), f"GET s3://{self.path}", self.retries)
+        if len(data) != end - start:
+            raise OSError(f"s3://{self.path}: expected {end - start} bytes at offset {start}, got {len(data)}")
+        b[: len(data)] = data
+        self.pos = end
+        return len(data)
+
+
+def open_url(url: str, endpoint: str | None = None, retries: int = 5) -> io.BufferedIOBase:
+    """Open a shard for sequential binary reading. s3:// goes through RetryingReader; a local
+    path is opened directly; other fsspec URLs through fsspec. Missing: FileNotFoundError."""
+    if url.startswith("s3://"):
+        return io.BufferedReader(RetryingReader(s3_filesystem(endpoint), url[len("s3://"):], retries), CHUNK)
+    if "://" not in url or url.startswith("file://"):
+        return open(url[len("file://"):] if url.startswith("file://") else url, "rb", buffering=1 << 20)
+    return fsspec.open(url, "rb").open()
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset opener for s3:// URLs (read only)."""
+    if mode != "rb":
+        raise ValueError(f"{url}: the s3 opener only reads (mode 'rb'), got mode {mode!r}")
+    return open_url(url, endpoint=kw.get("endpoint"), retries=kw.get("retries", 5))
+
+
+webdataset.gopen_schemes["s3"] = gopen_s3

@@ -1,0 +1,341 @@
+"""Building WebDataset shards from an image folder, and the shard manifest.
+
+Layout under the shard root (a local folder or any fsspec URL, e.g. s3://bucket/prefix):
+
+    manifest.json             written LAST: shards, sample counts, bytes, sha256, tag counts
+    train/shard-000000.tar    samples KEY.jpg|KEY.png (the HR bytes) + KEY.json (source, size, tags)
+    val/shard-000000.tar
+
+The manifest is the only entry point readers trust: it lets the loader notice a shard that
+ended early. Rebuilding into a root that holds shards needs `overwrite=True`; the old manifest
+is removed first, so during a rebuild (or after an interrupted one) nothing is readable, and
+shards the new manifest does not list are deleted once it is in place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from linearsr.data.s3 import filesystem, with_retries
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "linearsr-shards/1"
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(root: str, rel: str) -> str:
+    if _is_local(root):
+        return os.path.join(root[len("file://"):] if root.startswith("file://") else root, rel)
+    return posixpath.join(root, rel)
+
+
+def describe(e: BaseException) -> str:
+    """'Type: message' of an exception, without Pillow's '<_io.BytesIO object at 0x...>' noise."""
+    message = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    return f"{type(e).__name__}: {message}"
+
+
+def stable_hash(*parts) -> int:
+    """A 64-bit hash that is the same in every process and Python version (unlike hash())."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def read_manifest(root: str, endpoint: str | None = None, retries: int = 5) -> dict:
+    """The manifest of a shard root, checked. Missing: FileNotFoundError saying how to make one."""
+    fs, path = filesystem(join(root, MANIFEST), endpoint)
+    try:
+        text = with_retries(lambda: fs.cat_file(path), f"read {join(root, MANIFEST)}", retries)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST} under shard root {root}: build shards there with `linearsr shards build SRC {root}` "
+            "(an interrupted build leaves no manifest)") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{join(root, MANIFEST)} is not valid JSON ({e}); rebuild the shards") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{join(root, MANIFEST)} has format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild the shards")
+    return manifest
+
+
+def shard_list(root: str, manifest: dict, split: str) -> list[tuple[str, int]]:
+    """[(url, samples)] of one split, in manifest order."""
+    return [(join(root, s["path"]), int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _sanitize(rel: str) -> str:
+    stem = rel.rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "image"
+
+
+def list_sources(src: str) -> list[tuple[str, str]]:
+    """[(url, relative path)] of the images under src (recursive, sorted, hidden files skipped)."""
+    fs, base = filesystem(src)
+    if not fs.exists(base):
+        raise FileNotFoundError(f"source {src} does not exist; give a folder of images or an fsspec URL")
+    paths = [base] if fs.isfile(base) else fs.find(base)
+    out = []
+    for p in sorted(paths):
+        rel = posixpath.relpath(p, base) if p != base else posixpath.basename(p)
+        if any(part.startswith(".") for part in rel.split("/")) or not rel.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        out.append((p if _is_local(src) else fs.unstrip_protocol(p), rel))
+    return out
+
+
+def load_tags(path: str | None) -> dict[str, list[str]]:
+    """A tags file: JSON object {name: [tags] or "a, b"}; name = relative path, file name or stem."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tags file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tags file {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"tags file {path} must be a JSON object {{image name: [tags]}}")
+    out = {}
+    for name, tags in raw.items():
+        if isinstance(tags, str):
+            tags = tags.split(",")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError(f"tags file {path}: entry {name!r} must be a list of strings or 'a, b'")
+        out[name] = [t.strip().lower() for t in tags if t.strip()]
+    return out
+
+
+def _tags_for(rel: str, tags: dict[str, list[str]], used: set[str]) -> list[str]:
+    name = posixpath.basename(rel)
+    for candidate in (rel, name, name.rsplit(".", 1)[0]):
+        if candidate in tags:
+            used.add(candidate)
+            return tags[candidate]
+    return []
+
+
+def prepare_image(data: bytes, max_side: int | None) -> tuple[bytes, str, tuple[int, int]]:
+    """Check that an image decodes; keep JPEG/PNG bytes as they are unless it must be resized
+    (longest side > max_side) or rotated (EXIF orientation), then re-encode as PNG.
+    Returns (bytes, "jpg"|"png", (width, height))."""
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format
+    img.load()  # raises on truncated / corrupt data
+    orientation = img.getexif().get(0x0112, 1)
+    too_big = max_side is not None and max(img.size) > max_side
+    if fmt in ("JPEG", "PNG") and not too_big and orientation == 1:
+        return data, "jpg" if fmt == "JPEG" else "png", img.size
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    if max_side is not None and max(img.size) > max_side:
+        f = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), "png", img.size
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Destination:
+    """Files under the shard root: local writes are temp + rename, remote ones single PUTs."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self.base = filesystem(root)
+        self.local = _is_local(root)
+        self.fs.makedirs(self.base, exist_ok=True)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.base, rel) if not self.local else os.path.join(self.base, rel)
+
+    def put_file(self, tmp: str, rel: str) -> None:
+        if self.local:
+            os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+            os.replace(tmp, self.path(rel))
+        else:
+            with_retries(lambda: self.fs.put_file(tmp, self.path(rel)), f"upload {join(self.root, rel)}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.base if self.local else None)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if not self.local:
+            try:
+                self.put_file(tmp, rel)
+            finally:
+                os.unlink(tmp)
+        else:
+            self.put_file(tmp, rel)
+
+    def shard_files(self) -> list[str]:
+        out = []
+        for split in SPLITS:
+            d = self.path(split)
+            if self.fs.isdir(d):
+                out += [f"{split}/{posixpath.basename(p)}" for p in self.fs.ls(d, detail=False)
+                        if SHARD_RE.match(posixpath.basename(p))]
+        return sorted(out)
+
+    def remove(self, rel: str) -> None:
+        if self.fs.exists(self.path(rel)):
+            self.fs.rm(self.path(rel))
+
+
+class _ShardWriter:
+    """Writes one split's shards: `samples_per_shard` samples per tar, then hands it to the destination."""
+
+    def __init__(self, dest: _Destination, split: str, samples_per_shard: int, workdir: str):
+        self.dest, self.split, self.per_shard, self.workdir = dest, split, samples_per_shard, workdir
+        self.shards: list[dict] = []
+        self.tar = None
+        self.count = 0
+
+    def _open(self) -> None:
+        rel = f"{self.split}/shard-{len(self.shards):06d}.tar"
+        folder = os.path.dirname(self.dest.path(rel)) if self.dest.local else self.workdir
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.rel, self.count = rel, 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, ext: str, image: bytes, meta: dict) -> None:
+        if self.tar is None:
+            self._open()
+        self._add(f"{key}.{ext}", image)
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.count += 1
+        if self.count >= self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.file.close()
+        sha, size = hashlib.sha256(), 0
+        with open(self.tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+                size += len(block)
+        self.dest.put_file(self.tmp, self.rel)
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+        self.shards.append({"path": self.rel, "samples": self.count, "bytes": size, "sha256": sha.hexdigest()})
+        self.tar = None
+
+
+def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction: float = 0.1,
+                 max_side: int | None = None, tags: str | dict | None = None, seed: int = 0,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Build train/val shards of the images under `src` into `dest`; returns the manifest.
+
+    The val split is chosen by a hash of each sample's key (the same image is always in the same
+    split); `seed` only orders samples inside the splits. Unreadable images are skipped and listed
+    in the manifest under "skipped"."""
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if max_side is not None and max_side < 8:
+        raise ValueError(f"--max-side must be >= 8 pixels, got {max_side}")
+    tag_map = tags if isinstance(tags, dict) else load_tags(tags)
+    sources = list_sources(src)
+    if not sources:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {src}")
+
+    keys, plan = set(), []
+    for url, rel in sources:
+        key, n = _sanitize(rel), 2
+        while key in keys:
+            key, n = f"{_sanitize(rel)}_{n}", n + 1
+        keys.add(key)
+        is_val = stable_hash("val", key) < val_fraction * 2**64
+        plan.append((url, rel, key, is_val))
+    if val_fraction > 0 and len(plan) > 1 and not any(p[3] for p in plan):
+        first = min(range(len(plan)), key=lambda i: stable_hash("val", plan[i][2]))
+        plan[first] = plan[first][:3] + (True,)  # a val set of at least one image
+    plan.sort(key=lambda p: stable_hash(seed, p[2]))
+
+    out = _Destination(dest)
+    existing = out.shard_files()
+    if out.fs.exists(out.path(MANIFEST)) or existing:
+        if not overwrite:
+            raise ValueError(f"{dest} already holds shards; pass --overwrite to replace them (or choose a new DEST)")
+        out.remove(MANIFEST)  # from here until the new manifest exists, nothing under dest is readable
+
+    used: set[str] = set()
+    skipped, tag_counts = [], {}
+    with tempfile.TemporaryDirectory(prefix="linearsr-shards-") as workdir:
+        writers = {s: _ShardWriter(out, s, samples_per_shard, workdir) for s in SPLITS}
+        src_fs, _ = filesystem(src)
+        for url, rel, key, is_val in tqdm(plan, desc="shards", unit="img", disable=not progress):
+            try:
+                raw = with_retries(lambda: src_fs.cat_file(url), f"read {url}")
+                image, ext, (w, h) = prepare_image(raw, max_side)
+            except Exception as e:  # any undecodable / unreadable source is listed, not fatal
+                log.warning("skipping %s: %s", rel, describe(e))
+                skipped.append({"source": rel, "error": describe(e)})
+                continue
+            sample_tags = _tags_for(rel, tag_map, used)
+            for t in sample_tags:
+                tag_counts[t] = tag_counts.get(t, 0) + 1
+            meta = {"source": rel, "width": w, "height": h, "tags": sample_tags}
+            writers["val" if is_val else "train"].add(key, ext, image, meta)
+        for w in writers.values():
+            w.close()
+
+    unused = sorted(set(tag_map) - used)
+    if unused:
+        log.warning("%d entries of the tags file matched no image, e.g. %s", len(unused), ", ".join(unused[:5]))
+    splits = {s: {"samples": sum(x["samples"] for x in w.shards), "bytes": sum(x["bytes"] for x in w.shards),
+                  "shards": w.shards} for s, w in writers.items()}
+    if splits["train"]["samples"] == 0:
+        raise ValueError(f"no readable images under {src} went to the train split ({len(skipped)} skipped)")
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": src,
+        "settings": {"samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "max_side": max_side, "seed": seed},
+        "splits": splits,
+        "tags": dict(sorted(tag_counts.items())),
+        "skipped": skipped,
+    }
+    out.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    listed = {s["path"] for w in writers.values() for s in w.shards}
+    for rel in existing:
+        if rel not in listed:
+            out.remove(rel)
+    log.info("wrote %d train + %d val samples in %d shards to %s (%d skipped)", splits["train"]["samples"],
+             splits["val"]["samples"], len(listed), dest, len(skipped))
+    return manifest
