@@ -53,12 +53,13 @@ def s3_filesystem(endpoint: str | None = None):
     ep = endpoint_url(endpoint)
     key = (os.getpid(), ep)
     if key not in _filesystems:
-        _filesystems[key] = s3fs.S3FileSystem(
+        fs = s3fs.S3FileSystem(
             endpoint_url=ep,
-            retries=1,
             config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
             skip_instance_cache=True,
         )
+        fs.retries = 1  # s3fs's own retry loop (a class attribute): one attempt
+        _filesystems[key] = fs
     return _filesystems[key]
 
 

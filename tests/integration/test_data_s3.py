@@ -1,0 +1,137 @@
+"""Shards on the local S3 server: round trip, loaders with workers, retries, and no public host."""
+
+import ipaddress
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from linearsr.data import s3, s3local
+from linearsr.data.config import DataConfig
+from linearsr.data.loader import make_train_loader, make_val_loader
+from linearsr.data.reader import iter_samples
+from linearsr.data.shards import build_shards, read_manifest
+
+
+def test_build_and_read_back_through_s3_is_byte_identical(s3_bucket, make_images, tmp_path):
+    paths = make_images(tmp_path / "src", n=10)
+    root = f"{s3_bucket}/photos/shards"
+    manifest = build_shards(str(tmp_path / "src"), root, samples_per_shard=3, val_fraction=0.3, progress=False)
+    assert read_manifest(root) == manifest
+    by_name = {p.stem: p.read_bytes() for p in paths}
+    seen = {}
+    for split in ("train", "val"):
+        for s in iter_samples(root, split):
+            ext = "png" if "png" in s else "jpg"
+            seen[s["__key__"]] = s[ext]
+    assert seen == by_name  # every image, stored bytes identical to the source file
+
+    cfg = DataConfig(shards=root, crop=32, val_crop=32, batch_size=2, num_workers=2, shuffle_buffer=4)
+    loader = make_train_loader(cfg, seed=0)
+    try:
+        batches = [next(loader) for _ in range(4)]
+    finally:
+        loader.close()
+    assert batches[-1]["hr"].shape == (2, 3, 32, 32) and loader.skips == {}
+    val = [k for b in make_val_loader(cfg) for k in b["key"]]
+    assert sorted(val) == sorted(s["__key__"] for s in iter_samples(root, "val"))
+
+
+def test_s3_loader_counts_a_missing_shard(s3_bucket, tiny_shards):
+    root = f"{s3_bucket}/tiny"
+    fs, _ = s3.filesystem(root)
+    fs.put(tiny_shards, root[len("s3://"):], recursive=True)
+    manifest = read_manifest(root)
+    gone = manifest["splits"]["val"]["shards"][0]
+    fs.rm(f"{root}/{gone['path']}")
+    loader = make_val_loader(DataConfig(shards=root, crop=32, val_crop=32, num_workers=2, max_skip_fraction=1.0))
+    got = sum(len(b["key"]) for b in loader)
+    assert loader.skips == {"missing_shard": gone["samples"]}
+    assert got == manifest["splits"]["val"]["samples"] - gone["samples"]
+
+
+def test_transient_errors_are_retried_with_backoff_and_counted(monkeypatch):
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return b"ok"
+
+    before = s3.retry_count()
+    assert s3.with_retries(flaky, "GET s3://b/k", retries=5) == b"ok"
+    assert s3.retry_count() - before == 2
+    with pytest.raises(FileNotFoundError):  # a missing object is not retried
+        s3.with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("b/k")), "GET s3://b/k", retries=5)
+    assert s3.retry_count() - before == 2
+    with pytest.raises(ConnectionResetError):
+        s3.with_retries(lambda: (_ for _ in ()).throw(ConnectionResetError("reset")), "GET", retries=2)
+    assert s3.retry_count() - before == 4
+
+
+def test_reader_resumes_a_shard_after_a_dropped_request(s3_bucket, monkeypatch):
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
+    fs, _ = s3.filesystem(s3_bucket)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    fs.pipe_file(f"{s3_bucket}/blob"[5:], data)
+    real, failures = fs.cat_file, []
+
+    def cat_file(path, start=None, end=None, **kw):
+        if start and not failures:  # the second ranged GET fails once
+            failures.append(start)
+            raise ConnectionResetError("reset")
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs, "cat_file", cat_file)
+    monkeypatch.setattr(s3, "CHUNK", 256 << 10)
+    before = s3.retry_count()
+    with s3.open_url(f"{s3_bucket}/blob") as f:
+        assert f.read() == data
+    assert failures and s3.retry_count() - before == 1
+
+
+def test_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(FileNotFoundError, match=r"no manifest\.json under shard root s3://no-such-bucket-x"):
+        make_train_loader(DataConfig(shards="s3://no-such-bucket-x/shards"))
+
+
+def test_s3_server_fixture_never_lets_a_request_reach_a_public_host(s3_bucket, s3_server, monkeypatch):
+    peers = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        peers.append(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    import boto3
+    import s3fs
+
+    # clients that are given no endpoint at all: they must follow AWS_ENDPOINT_URL to the local server
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(f"{s3_bucket}/probe"[5:], b"hello")
+    assert boto3.client("s3").get_object(Bucket=s3_bucket[5:], Key="probe")["Body"].read() == b"hello"
+    assert peers and all(ipaddress.ip_address(a[0]).is_loopback for a in peers), peers
+    assert all(a[1] == int(s3_server.endpoint.rsplit(":", 1)[1]) for a in peers)
+    # and child processes inherit the endpoint
+    code = "import boto3; print(boto3.client('s3').meta.endpoint_url)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == s3_server.endpoint
+    assert "probe" in s3_server.log_path.read_text()
+
+
+def test_s3_up_and_down_manage_a_detached_server(tmp_path, capsys):
+    state = tmp_path / "s3"
+    assert s3local.main(["up", "--state", str(state)]) == 0
+    server = s3local.running(state)
+    assert server is not None and "export AWS_ENDPOINT_URL=http://127.0.0.1:" in (state / "env").read_text()
+    assert s3local.main(["up", "--state", str(state)]) == 0  # idempotent
+    assert "already running" in capsys.readouterr().out
+    server.make_bucket("upcheck")
+    assert s3local.main(["down", "--state", str(state)]) == 0
+    assert s3local.running(state) is None and not (state / "server.pid").exists()
+    assert s3local.main(["status", "--state", str(state)]) == 1
