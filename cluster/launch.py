@@ -1,0 +1,173 @@
+"""Start (or attach to) Ray and run one training as a Ray Train `TorchTrainer`.
+
+    result = train(cfg)        # cfg: linearsr.trainer.config.TrainConfig
+
+Ray: attaches to `cluster.address`, else RAY_ADDRESS (what a Ray Job's entrypoint gets), else
+starts a local Ray in this process. Storage: Ray Train's experiment folder is RUN/checkpoints
+(`storage_path` = the run URL, `name` = "checkpoints"); an s3:// run goes through an s3fs
+filesystem honouring AWS_ENDPOINT_URL. Resume is decided by the workers from the COMPLETE
+markers in RUN/checkpoints (see linearsr.trainer.checkpoint), so Ray's own bookkeeping snapshot
+of an earlier fit is removed before a new one starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from linearsr.trainer import rundir
+from linearsr.trainer.config import TrainConfig, config_text
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit: Ray 2.60 turns token auth on by itself
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# environment the workers get from the driver (never credentials: those come from the cluster's env)
+PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_AUTH_MODE", "HF_HUB_OFFLINE")
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_url: str
+    step: int
+    val_loss: float | None
+    checkpoint: str | None
+    seconds: float
+
+
+def absolute_run_url(url: str) -> str:
+    return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url.rstrip("/")
+
+
+def _reachable(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def connect(address: str = "") -> str:
+    """Attach to `address` / RAY_ADDRESS, or start a local Ray. Returns what was used."""
+    import ray
+
+    if ray.is_initialized():
+        return "this process's Ray"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"Ray address {address} is a Jobs API (dashboard) URL; submit with "
+                         f"`linearsr submit --address {address} ...`, or give the cluster's GCS address host:port")
+    if address and address != "auto" and not address.startswith("ray://") and not _reachable(address):
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} (cluster.address / RAY_ADDRESS): start it "
+                              "(`make ray-up`, `ray start --head`) or unset RAY_ADDRESS to train on a local Ray")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            return address
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    except ConnectionError as e:
+        raise ConnectionError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
+    return "a new local Ray"
+
+
+def storage_for(run_url: str):
+    """(storage_path, storage_filesystem) for RunConfig: RUN itself (Ray adds /checkpoints)."""
+    if rundir.is_local(run_url):
+        return run_url, None
+    if not run_url.startswith("s3://"):
+        return run_url, None  # pyarrow resolves gs://, hdfs://, ...
+    import pyarrow.fs
+    import s3fs
+
+    from linearsr.data.s3 import endpoint_url
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint_url(), skip_instance_cache=True)
+    return run_url[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def prepare_run_dir(cfg: TrainConfig, run_url: str) -> None:
+    """Check the inputs and write RUN/config.json before any worker starts, so a bad shard root,
+    bucket or init checkpoint is a one-line error instead of a failed Ray job."""
+    from linearsr.data.shards import read_manifest
+    from linearsr.trainer import checkpoint as ckpt
+
+    read_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries)
+    if cfg.finetune.init:
+        ckpt.require_complete(cfg.finetune.init)
+    try:
+        rundir.write_text_atomic(rundir.join(run_url, "config.json"), config_text(cfg) + "\n")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cannot write the run dir {run_url}: its bucket or parent does not exist") from None
+    snapshot = rundir.join(run_url, "checkpoints", SNAPSHOT)
+    fs, path = rundir.fs_for(snapshot)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the training to cfg.run.steps (resuming RUN if it has checkpoints)."""
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from linearsr.trainer.loop import train_loop_per_worker
+
+    run_url = absolute_run_url(cfg.run_url)
+    cfg = cfg.replace(run={"url": run_url})
+    prepare_run_dir(cfg, run_url)
+    where = connect(cfg.cluster.address)
+    log.info("training %s on %s: %d workers x %g CPU%s, ZeRO-%d %s", run_url, where, cfg.cluster.num_workers,
+             cfg.cluster.cpus_per_worker, " + 1 GPU" if cfg.cluster.use_gpu else "", cfg.deepspeed.zero_stage,
+             cfg.deepspeed.precision)
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
+    storage_path, storage_fs = storage_for(run_url)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training of {run_url} failed after {cfg.cluster.max_failures} restart(s): "
+                           f"{_root_cause(e)}") from None
+    records = rundir.read_metrics(run_url)
+    last = records[-1] if records else {}
+    return TrainResult(run_url, int(last.get("step", 0)), last.get("val_loss"),
+                       _last_checkpoint(records), time.perf_counter() - t0)
+
+
+def _last_checkpoint(records: list[dict]) -> str | None:
+    for r in reversed(records):
+        if r.get("checkpoint"):
+            return r["checkpoint"]
+    return None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's one-line message (a worker's ValueError reads as what it says)."""
+    seen = set()
+    while True:
+        nxt = (getattr(e, "worker_failures", None) or getattr(e, "controller_failure", None)
+               or getattr(e, "cause", None) or e.__cause__)
+        if isinstance(nxt, dict):
+            nxt = next(iter(nxt.values()), None)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        e = nxt
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,80 @@
+"""`linearsr export CKPT OUT`: consolidate a checkpoint's ZeRO-2/3 shards (any world size) into
+one fp32 state dict and write it as safetensors + JSON (config, step, interval, val loss).
+
+    export_checkpoint("runs/demo/checkpoints/checkpoint_000300", "out/expert")  # -> out/expert.safetensors
+
+OUT ending in `.safetensors` is written as that expert file (+ .json beside it); any other OUT is
+a bundle folder: OUT/model.safetensors, OUT/model.json and OUT/manifest.json (one expert for the
+whole log-SNR range). Both are what `linearsr upscale --bundle` reads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from linearsr.model.flow import FULL_RANGE
+from linearsr.trainer import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) -> Path:
+    """Write OUT_PREFIX.safetensors + OUT_PREFIX.json from a complete checkpoint; returns the
+    .safetensors path. `ema=True` exports the EMA weights (the run must have optim.ema_decay > 0)."""
+    from safetensors.torch import load_file
+
+    from linearsr.model.bundle import save_expert
+    from linearsr.model.config import ModelConfig
+    from linearsr.model.network import LinearSR
+
+    ckpt.require_complete(ckpt_url)
+    meta = ckpt.read_meta(ckpt_url)
+    model = LinearSR(ModelConfig.from_dict(meta["config"]["model"]))
+    tmp = tempfile.mkdtemp(prefix="linearsr-export-")
+    try:
+        local = ckpt.download_dir(ckpt_url, tmp)
+        if ema:
+            ema_file = Path(local) / ckpt.EMA_FILE
+            if not ema_file.is_file():
+                raise FileNotFoundError(f"checkpoint {ckpt_url} has no EMA weights (the run had optim.ema_decay = 0)")
+            state = load_file(str(ema_file))
+        else:
+            state = ckpt.consolidate(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.load_state_dict(state)
+    return save_expert(out_prefix, model, {
+        "step": meta["step"],
+        "samples": meta.get("samples"),
+        "interval": meta.get("t_interval") or FULL_RANGE.key,
+        "val_loss": meta.get("val_loss"),
+        "checkpoint": ckpt_url,
+        "weights": "ema" if ema else "raw",
+    })
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint URL: RUN/checkpoints/checkpoint_XXXXXX (local or s3://)")
+    parser.add_argument("out", metavar="OUT", help="a bundle folder, or an expert file ending in .safetensors")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+
+
+def run(args: argparse.Namespace) -> int:
+    from linearsr.model.bundle import write_bundle
+    from linearsr.model.config import ModelConfig
+
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        weights = export_checkpoint(args.checkpoint, out.with_suffix(""), ema=args.ema)
+        print(f"linearsr export: wrote {weights} (+ {weights.with_suffix('.json').name})")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    weights = export_checkpoint(args.checkpoint, out / "model", ema=args.ema)
+    meta = ckpt.read_meta(args.checkpoint)
+    manifest = write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss")}],
+                            ModelConfig.from_dict(meta["config"]["model"]), knee_step=None)
+    print(f"linearsr export: wrote the 1-expert bundle {manifest} (step {meta['step']})")
+    return 0

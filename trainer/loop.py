@@ -1,0 +1,364 @@
+"""The training loop that runs in every Ray Train worker (one DeepSpeed engine per worker).
+
+    train_loop_per_worker({"config": TrainConfig as dict, "run_url": RUN})
+
+Per optimizer step: grad_accum micro-batches of the flow-matching loss at t drawn from
+`cfg.flow.sample_t` (only inside the fine-tune interval when one is set). Every
+`validation.every` steps: validation per log-SNR interval, one metrics.jsonl record and
+TensorBoard scalars (rank 0); every `checkpoint.every` steps (and at the last step) a checkpoint
+through `ray.train.report`. On start the newest complete checkpoint of RUN is resumed (step,
+samples, optimizer, schedule, RNG, data stream); otherwise `finetune.init` supplies the weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from linearsr.data.shards import stable_hash
+from linearsr.trainer import checkpoint as ckpt
+from linearsr.trainer import configlib, rundir
+from linearsr.trainer.config import TrainConfig, config_text
+from linearsr.trainer.engine import EMA, build_engine, current_lr, grad_norm, init_distributed
+
+log = logging.getLogger("linearsr.trainer")
+
+
+def _setup_logging(rank: int) -> None:
+    logger = logging.getLogger("linearsr")
+    if not any(getattr(h, "_linearsr", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._linearsr = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Trainer:
+    """State of one worker's run; methods in the order the loop calls them."""
+
+    def __init__(self, cfg: TrainConfig, run_url: str):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.run_url = cfg, run_url
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        _setup_logging(self.rank)
+        init_distributed(cfg.cluster.use_gpu)
+        self.device = ray.train.torch.get_device()
+        self.interval = cfg.interval
+        self.step = 0
+        self.samples = 0
+        self.tmp_dirs: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def build(self) -> None:
+        from linearsr.model.network import LinearSR
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = LinearSR(cfg.model)
+        resume = self._resume_point()
+        if resume is None and cfg.finetune.init:
+            self._load_init_weights(model, cfg.finetune.init)
+        self.engine, _ = build_engine(cfg, model)
+        self.model = self.engine.module.model
+        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.gen = torch.Generator().manual_seed(stable_hash("t", cfg.run.seed, self.rank) >> 1)
+        torch.manual_seed(stable_hash("torch", cfg.run.seed, self.rank) >> 1)
+        self.meta = None
+        if resume is not None:
+            self._load_resume(resume)
+        self.wall_start = time.time()
+        if self.rank == 0:
+            self._open_outputs()
+        dist.barrier()
+
+    def _resume_point(self) -> str | None:
+        """Rank 0 picks the newest complete checkpoint of this run; every rank gets its URL."""
+        import ray.train
+
+        found = None
+        if self.rank == 0:
+            found = ckpt.latest_complete(self.run_url, remove_incomplete=True)
+            ray_ckpt = ray.train.get_checkpoint()
+            if ray_ckpt is not None and (found is None or not ray_ckpt.path.rstrip("/").endswith(ckpt.name_of(found.step))):
+                log.warning("Ray's latest checkpoint %s is not complete; using %s instead", ray_ckpt.path,
+                            found.url if found else "none (fresh start)")
+        url = _broadcast(found.url if found else None)
+        if url:
+            log.info("resuming from %s", url)
+        return url
+
+    def _load_init_weights(self, model, init_url: str) -> None:
+        """Fine-tune start: weights only from a checkpoint of any ZeRO stage / world size."""
+        from linearsr.model.config import ModelConfig
+
+        ckpt.require_complete(init_url)
+        meta = ckpt.read_meta(init_url)
+        theirs = ModelConfig.from_dict(meta["config"]["model"])
+        if theirs != self.cfg.model:
+            raise ValueError(f"--init checkpoint {init_url} has another model config: {'; '.join(theirs.diff(self.cfg.model))}")
+        local = ckpt.download_dir(init_url, self._tmp("linearsr-init-"))
+        model.load_state_dict(ckpt.consolidate(local))
+        log.info("initialised weights from %s (step %s); optimizer and schedule start fresh", init_url, meta.get("step"))
+
+    def _load_resume(self, url: str) -> None:
+        local = ckpt.download_dir(url, self._tmp("linearsr-resume-"))
+        path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
+        self.meta = rundir.read_json(os.path.join(local, ckpt.META))
+        state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
+        ckpt.restore_rank_state(state, self.gen)
+        self.step, self.samples = int(self.meta["step"]), int(self.meta["samples"])
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(os.path.join(local, ckpt.EMA_FILE)))
+
+    def _open_outputs(self) -> None:
+        from linearsr.trainer.tb import TBWriter
+
+        rundir.write_text_atomic(rundir.join(self.run_url, "config.json"), config_text(self.cfg) + "\n")
+        self.metrics = rundir.MetricsWriter(self.run_url, resume_step=self.step)
+        if self.meta is not None and not any(r.get("step") == self.step for r in self.metrics.records):
+            self.metrics.append(self.meta["record"])  # the checkpoint was saved, its record was not
+        self.tb = TBWriter(self.run_url)
+        self.tb.text("config", config_text(self.cfg), self.step)
+        self.tb.flush()
+
+    def _tmp(self, prefix: str) -> str:
+        path = ckpt.local_tempdir(prefix)
+        self.tmp_dirs.append(path)
+        return path
+
+    def data(self) -> None:
+        from linearsr.data.loader import make_train_loader, make_val_loader
+        from linearsr.trainer.validate import collect
+
+        # a resumed run continues with a new, deterministic stream (the loader resamples shards)
+        seed = stable_hash("data", self.cfg.run.seed, self.step) >> 33
+        self.train_loader = make_train_loader(self.cfg.data, self.rank, self.world, seed)
+        self.train_iter = iter(self.train_loader)
+        filler = next(self.train_iter)
+        self.pending = [filler]
+        self.val_batches = collect(make_val_loader(self.cfg.data, self.rank, self.world), self.model,
+                                   self.cfg.validation.max_batches, filler)
+
+    # ------------------------------------------------------------------ training
+
+    def _next_batch(self) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        batch = self.pending.pop() if self.pending else next(self.train_iter)
+        return batch, time.perf_counter() - t0
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step (grad_accum micro-batches). Returns (mean loss, data wait seconds)."""
+        cfg, engine = self.cfg, self.engine
+        losses, wait = [], 0.0
+        for _ in range(cfg.optim.grad_accum):
+            batch, w = self._next_batch()
+            wait += w
+            hr, lr = batch["hr"].to(self.device), batch["lr"].to(self.device)
+            t = cfg.flow.sample_t(hr.shape[0], self.interval, generator=self.gen) if self.interval else \
+                cfg.flow.sample_t(hr.shape[0], generator=self.gen)
+            self.t_seen[0] = min(self.t_seen[0], float(t.min()))
+            self.t_seen[1] = max(self.t_seen[1], float(t.max()))
+            loss = engine(hr, lr, batch["tags"], t.to(self.device)).mean()
+            if cfg.faults.nan_at_step is not None and self.step + 1 >= cfg.faults.nan_at_step:
+                loss = loss * math.nan  # injected divergence: recorded, never hidden
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        self.step += 1
+        self.samples += cfg.data.batch_size * cfg.optim.grad_accum * self.world
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return sum(losses) / len(losses), wait
+
+    def maybe_die(self, during_checkpoint: bool) -> None:
+        f = self.cfg.faults
+        if f.die_at_step != self.step or f.die_during_checkpoint != during_checkpoint or f.die_rank != self.rank:
+            return
+        if f.die_once_marker:
+            if os.path.exists(f.die_once_marker):
+                return
+            open(f.die_once_marker, "w").close()
+        log.error("fault injection: worker %d exits at step %d%s", self.rank, self.step,
+                  " while saving a checkpoint" if during_checkpoint else "")
+        logging.shutdown()
+        os._exit(1)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if self.step >= cfg.run.steps:
+            log.info("run %s already reached step %d of %d; nothing to do", self.run_url, self.step, cfg.run.steps)
+            return
+        self._reset_window()
+        while self.step < cfg.run.steps:
+            loss, wait = self.train_step()
+            self.win_loss.append(loss)
+            self.win_wait += wait
+            self.maybe_die(during_checkpoint=False)
+            if self.rank == 0 and self.step % cfg.run.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, cfg.run.steps, loss,
+                         current_lr(self.engine), grad_norm(self.engine))
+            last = self.step == cfg.run.steps
+            if self.step % cfg.validation.every == 0 or last:
+                self.validate_and_record(save=last or self.step % cfg.checkpoint.every == 0)
+        if self.rank == 0:
+            self.tb.close()
+
+    def _reset_window(self) -> None:
+        self.win_loss: list[float] = []
+        self.win_wait = 0.0
+        self.win_start = time.perf_counter()
+        self.win_samples = self.samples
+        self.t_seen = [math.inf, -math.inf]
+
+    # ------------------------------------------------------------------ validation, metrics, checkpoints
+
+    def validate_and_record(self, save: bool) -> None:
+        from linearsr.data.s3 import retry_count
+        from linearsr.trainer.validate import evaluate
+
+        cfg = self.cfg
+        elapsed = time.perf_counter() - self.win_start
+        window = torch.tensor([sum(self.win_loss), len(self.win_loss), self.win_wait, elapsed], dtype=torch.float64)
+        dist.all_reduce(window)
+        t_range = torch.tensor([self.t_seen[0], -self.t_seen[1]], dtype=torch.float64)
+        dist.all_reduce(t_range, op=dist.ReduceOp.MIN)
+        val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
+        skips = _gather((self.train_loader.skips, self.train_loader.retries + retry_count()))
+        data_skips: dict[str, int] = {}
+        for s, _ in skips:
+            for reason, n in s.items():
+                data_skips[reason] = data_skips.get(reason, 0) + n
+        record = {
+            "step": self.step,
+            "samples": self.samples,
+            "wall_time": time.time(),
+            "train_loss": window[0].item() / max(1.0, window[1].item()),
+            "val_loss": val_loss,
+            "val_loss_by_interval": by_interval,
+            "lr": current_lr(self.engine),
+            "grad_norm": grad_norm(self.engine),
+            "samples_per_s": (self.samples - self.win_samples) / max(1e-9, elapsed),
+            "data_skips": data_skips,
+            "checkpoint": ckpt.url_of(self.run_url, self.step) if save else None,
+            "data_wait_frac": window[2].item() / max(1e-9, window[3].item()),
+            "storage_retries": sum(r for _, r in skips),
+            "t_min": t_range[0].item(),
+            "t_max": -t_range[1].item(),
+            "t_interval": self.interval.key if self.interval else None,
+        }
+        images = self._images() if cfg.validation.image_every and self.step % cfg.validation.image_every == 0 else None
+        if save:
+            self.save(record)
+        if self.rank == 0:
+            self.metrics.append(record)
+            self.tb.scalars(record, self.step)
+            if images is not None:
+                self.tb.image("samples/lr_1nfe_nstep_hr", images, self.step)
+            self.tb.flush()
+            log.info("step %d: val_loss %.4f train_loss %.4f %.1f samples/s data wait %.0f%%%s", self.step, val_loss,
+                     record["train_loss"], record["samples_per_s"], 100 * record["data_wait_frac"],
+                     f", checkpoint {record['checkpoint']}" if save else "")
+        self._reset_window()
+
+    @torch.no_grad()
+    def _images(self) -> torch.Tensor | None:
+        """LR | 1-NFE | N-step | HR rows from this rank's first val batch (every rank samples: ZeRO-3)."""
+        from linearsr.model.sampler import sample
+        from linearsr.trainer.tb import image_grid
+
+        vb = self.val_batches[0]
+        n = min(self.cfg.validation.num_images, vb.hr.shape[0])
+        lr, tags = vb.lr[:n].to(self.device), vb.tags[:n]
+        self.engine.eval()
+        one = sample(self.model, lr, tags, steps=1, seed=self.cfg.run.seed).image
+        many = sample(self.model, lr, tags, steps=self.cfg.validation.sample_steps, seed=self.cfg.run.seed).image
+        self.engine.train()
+        return image_grid(lr, one, many, vb.hr[:n]) if self.rank == 0 else None
+
+    def save(self, record: dict) -> None:
+        """Every rank saves its shards into a local temp dir; Ray uploads them into one folder;
+        after all uploads rank 0 checks the files and writes the COMPLETE marker."""
+        import ray.train
+
+        cfg = self.cfg
+        local = self._tmp("linearsr-ckpt-")
+        self.engine.save_checkpoint(local, tag=ckpt.TAG)
+        rundir.write_json(os.path.join(local, ckpt.state_file(self.rank)),
+                          ckpt.rank_state(self.gen, {"step": self.step, "train_samples": self.train_loader.samples}))
+        if self.rank == 0:
+            rundir.write_json(os.path.join(local, ckpt.META), {
+                "step": self.step, "samples": self.samples, "val_loss": record["val_loss"],
+                "val_loss_by_interval": record["val_loss_by_interval"], "world_size": self.world,
+                "zero_stage": cfg.deepspeed.zero_stage, "t_interval": record["t_interval"],
+                "config": configlib.to_dict(cfg), "record": record,
+            })
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file(self.ema.state_dict(), os.path.join(local, ckpt.EMA_FILE))
+        files = sorted(set().union(*_gather(ckpt.local_files(local))))
+        url = record["checkpoint"]
+
+        def upload(checkpoint, dir_name: str):
+            assert dir_name == ckpt.name_of(self.step), dir_name
+            ckpt.upload_dir(checkpoint.path, url)
+            storage = ray.train.get_context().get_storage()
+            return ray.train.Checkpoint(path=storage.build_checkpoint_path_from_name(dir_name),
+                                        filesystem=storage.storage_filesystem)
+
+        ray.train.report({"step": self.step, "val_loss": record["val_loss"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=ckpt.name_of(self.step), checkpoint_upload_fn=upload)
+        self.maybe_die(during_checkpoint=True)
+        dist.barrier()  # every rank's upload is done
+        if self.rank == 0:
+            ckpt.write_marker(url, files)
+            ckpt.apply_retention(self.run_url, cfg.checkpoint.keep)
+        shutil.rmtree(local, ignore_errors=True)
+        self.tmp_dirs.remove(local)
+
+    def close(self) -> None:
+        if hasattr(self, "train_loader"):
+            self.train_loader.close()
+        for d in self.tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: config = {"config": TrainConfig.to_dict(), "run_url": RUN}."""
+    cfg = configlib.from_dict(TrainConfig, config["config"])
+    trainer = Trainer(cfg, config["run_url"])
+    try:
+        trainer.build()
+        trainer.data()
+        trainer.run()
+    finally:
+        trainer.close()
