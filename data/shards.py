@@ -106,6 +106,20 @@ def list_sources(src: str) -> list[tuple[str, str]]:
     return out
 
 
+def normalize_tags(raw: dict, where: str = "tags") -> dict[str, list[str]]:
+    """{name: [tags] or "a, b"} -> {name: [lower-case stripped tags]}; bad entries raise ValueError."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a JSON object {{image name: [tags]}}")
+    out = {}
+    for name, tags in raw.items():
+        if isinstance(tags, str):
+            tags = tags.split(",")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError(f"{where}: entry {name!r} must be a list of strings or 'a, b'")
+        out[name] = [t.strip().lower() for t in tags if t.strip()]
+    return out
+
+
 def load_tags(path: str | None) -> dict[str, list[str]]:
     """A tags file: JSON object {name: [tags] or "a, b"}; name = relative path, file name or stem."""
     if not path:
@@ -117,16 +131,7 @@ def load_tags(path: str | None) -> dict[str, list[str]]:
         raise FileNotFoundError(f"tags file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"tags file {path} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"tags file {path} must be a JSON object {{image name: [tags]}}")
-    out = {}
-    for name, tags in raw.items():
-        if isinstance(tags, str):
-            tags = tags.split(",")
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError(f"tags file {path}: entry {name!r} must be a list of strings or 'a, b'")
-        out[name] = [t.strip().lower() for t in tags if t.strip()]
-    return out
+    return normalize_tags(raw, f"tags file {path}")
 
 
 def _tags_for(rel: str, tags: dict[str, list[str]], used: set[str]) -> list[str]:
@@ -269,7 +274,7 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_side is not None and max_side < 8:
         raise ValueError(f"--max-side must be >= 8 pixels, got {max_side}")
-    tag_map = tags if isinstance(tags, dict) else load_tags(tags)
+    tag_map = normalize_tags(tags) if isinstance(tags, dict) else load_tags(tags)
     sources = list_sources(src)
     if not sources:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {src}")

@@ -1,0 +1,100 @@
+"""The shard builder on local folders: round trip, manifest, skips, rebuilds, CLI."""
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from linearsr.data.reader import iter_samples
+from linearsr.data.shards import build_shards, read_manifest
+from linearsr.main import main
+
+
+def _stored(root) -> dict[str, dict]:
+    out = {}
+    for split in ("train", "val"):
+        for s in iter_samples(str(root), split):
+            ext = "png" if "png" in s else "jpg"
+            out[s["__key__"]] = {"bytes": s[ext], "ext": ext, "meta": json.loads(s["json"]), "split": split}
+    return out
+
+
+def test_round_trip_keeps_bytes_tags_and_a_truthful_manifest(tmp_path, make_images):
+    paths = make_images(tmp_path / "src", n=7)
+    (tmp_path / "src" / "nested").mkdir()
+    nested = make_images(tmp_path / "src" / "nested", n=1, seed=5)[0]
+    (tmp_path / "src" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "src" / "notes.txt").write_text("not an image")
+    tags = {"img001.jpg": ["cat", "Grass "], "nested/img000.png": "sky, tree"}
+    m = build_shards(str(tmp_path / "src"), str(tmp_path / "out"), samples_per_shard=3, val_fraction=0.2, tags=tags,
+                     progress=False)
+    stored = _stored(tmp_path / "out")
+    assert stored["img001"]["bytes"] == paths[1].read_bytes() and stored["img001"]["ext"] == "jpg"
+    assert stored["img000"]["bytes"] == paths[0].read_bytes() and stored["img000"]["ext"] == "png"
+    assert stored["nested_img000"]["bytes"] == nested.read_bytes()
+    assert stored["img001"]["meta"] == {"source": "img001.jpg", "width": 68, "height": 52, "tags": ["cat", "grass"]}
+    assert stored["nested_img000"]["meta"]["tags"] == ["sky", "tree"]
+    assert m["skipped"] == [{"source": "broken.png", "error": m["skipped"][0]["error"]}] and len(stored) == 8
+    assert m["tags"] == {"cat": 1, "grass": 1, "sky": 1, "tree": 1}
+    for split in ("train", "val"):
+        info = m["splits"][split]
+        assert info["samples"] == sum(1 for v in stored.values() if v["split"] == split) > 0
+        assert info["bytes"] == sum(s["bytes"] for s in info["shards"])
+        for s in info["shards"]:
+            data = (tmp_path / "out" / s["path"]).read_bytes()
+            assert s["bytes"] == len(data)
+            assert s["sha256"] == hashlib.sha256(data).hexdigest()
+            with tarfile.open(tmp_path / "out" / s["path"]) as t:
+                assert len(t.getnames()) == 2 * s["samples"]
+    assert read_manifest(str(tmp_path / "out")) == m
+
+
+def test_val_split_depends_on_the_key_only_and_is_never_empty(tmp_path, make_images):
+    make_images(tmp_path / "src", n=12)
+    a = build_shards(str(tmp_path / "src"), str(tmp_path / "a"), val_fraction=0.25, seed=0, progress=False)
+    b = build_shards(str(tmp_path / "src"), str(tmp_path / "b"), val_fraction=0.25, seed=1, progress=False)
+    val_a = {k for k, v in _stored(tmp_path / "a").items() if v["split"] == "val"}
+    val_b = {k for k, v in _stored(tmp_path / "b").items() if v["split"] == "val"}
+    assert val_a == val_b and a["splits"]["val"]["samples"] == len(val_a) >= 1
+    tiny = build_shards(str(tmp_path / "src" / "img000.png"), str(tmp_path / "c"), val_fraction=0.0, progress=False)
+    assert tiny["splits"]["val"]["samples"] == 0 and tiny["splits"]["train"]["samples"] == 1
+
+
+def test_max_side_downscales_to_png(tmp_path):
+    (tmp_path / "src").mkdir()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "src" / "big.jpg")
+    build_shards(str(tmp_path / "src"), str(tmp_path / "out"), max_side=150, val_fraction=0, progress=False)
+    s = _stored(tmp_path / "out")["big"]
+    assert s["ext"] == "png" and s["meta"]["width"] == 150 and s["meta"]["height"] == 100
+
+
+def test_rebuilding_into_the_same_root_leaves_only_the_new_shards(tmp_path, make_images):
+    make_images(tmp_path / "old", n=12, seed=1)
+    make_images(tmp_path / "new", n=3, seed=2, formats=("png",))
+    (tmp_path / "new" / "img000.png").rename(tmp_path / "new" / "fresh.png")
+    root = str(tmp_path / "out")
+    build_shards(str(tmp_path / "old"), root, samples_per_shard=2, val_fraction=0.2, progress=False)
+    with pytest.raises(ValueError, match="already holds shards; pass --overwrite"):
+        build_shards(str(tmp_path / "new"), root, progress=False)
+    m = build_shards(str(tmp_path / "new"), root, samples_per_shard=2, val_fraction=0.2, overwrite=True, progress=False)
+    assert set(_stored(root)) == {"fresh", "img001", "img002"}
+    on_disk = sorted(str(p.relative_to(root)) for p in Path(root).rglob("shard-*.tar"))
+    assert on_disk == sorted(s["path"] for sp in m["splits"].values() for s in sp["shards"])
+
+
+def test_cli_builds_and_reports_errors_in_one_line(tmp_path, make_images, capsys):
+    make_images(tmp_path / "src", n=4)
+    (tmp_path / "tags.json").write_text(json.dumps({"img000": ["dog"]}))
+    assert main(["shards", "build", str(tmp_path / "src"), str(tmp_path / "out"), "--samples-per-shard", "2",
+                 "--val-fraction", "0.25", "--tags", str(tmp_path / "tags.json"), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["splits"]["train"]["samples"] + summary["splits"]["val"]["samples"] == 4 and summary["tags"] == 1
+    assert main(["shards", "build", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "source" in err and "does not exist" in err
+    assert main(["shards", "build", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["shards", "info", str(tmp_path / "out")]) == 0
