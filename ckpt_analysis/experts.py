@@ -1,0 +1,271 @@
+"""Expert fine-tune jobs: submit one Ray Job per log-SNR interval in parallel, track them, retry
+failures, and assemble RUN/bundle/ from each expert's best checkpoint.
+
+Each job runs the trainer's fine-tune mode (the contract in docs/architecture.md):
+
+    linearsr train --config RUN/config.json --run RUN/experts/<i>_<lo>_<hi> --init CKPT \
+        --t-interval=<lo>,<hi> [run.steps=N] [esgf.experts.overrides ...]
+
+under the deterministic submission id `<run-name>-expert-<i>-try-<n>` (the optional full-range
+ESGF fine-tune: `<run-name>-esgf-full-try-<n>`, run dir RUN/experts/full_-inf_inf).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from linearsr.ckpt_analysis.config import ESGFConfig
+from linearsr.ckpt_analysis.decision import curve_from_records
+from linearsr.ckpt_analysis.knee import detect_divergence
+from linearsr.ckpt_analysis.state import State
+from linearsr.cluster.jobs import Jobs, JobInfo
+from linearsr.model.flow import FULL_RANGE, Interval, check_partition
+from linearsr.trainer.rundir import RunDir, fs_for, join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+STEPS_KEY = "run.steps"  # the trainer's step budget, set from esgf.experts.steps
+FULL_KEY = "esgf-full"
+MANIFEST = "manifest.json"
+# environment a job needs to reach the same storage; credentials are never forwarded
+# (a cluster node has its own), so they cannot leak into Ray's job records
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One fine-tune job: `key` names it in state.json ("expert-2", "esgf-full")."""
+
+    key: str
+    name: str
+    interval: Interval
+    run_url: str
+    init: str
+
+
+def run_name(run: RunDir) -> str:
+    name = os.path.basename(run.url.rstrip("/")) or "run"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def submission_id(run: RunDir, key: str, attempt: int) -> str:
+    return f"{run_name(run)}-{key}-try-{attempt}"
+
+
+def expert_specs(run: RunDir, intervals: list[Interval], init: str) -> list[JobSpec]:
+    return [JobSpec(f"expert-{i}", f"expert {i} {iv}", iv, run.expert(i, iv.key).url, init)
+            for i, iv in enumerate(intervals)]
+
+
+def full_range_spec(run: RunDir, init: str) -> JobSpec:
+    return JobSpec(FULL_KEY, f"ESGF full-range fine-tune {FULL_RANGE}", FULL_RANGE,
+                   run.path("experts", "full_-inf_inf"), init)
+
+
+def entrypoint(spec: JobSpec, run: RunDir, cfg: ESGFConfig) -> str:
+    args = shlex.split(cfg.experts.command) + [
+        "--config", run.config, "--run", spec.run_url, "--init", spec.init, f"--t-interval={spec.interval.key}"]
+    if cfg.experts.steps:
+        args.append(f"{STEPS_KEY}={cfg.experts.steps}")
+    return shlex.join(args + list(cfg.experts.overrides))
+
+
+class JobTracker:
+    """Submits and follows a set of jobs until each has succeeded or used up its attempts.
+    Every change is saved to state.json before the next Ray call."""
+
+    def __init__(self, jobs: Jobs, state: State, run: RunDir, cfg: ESGFConfig, sleep: Callable[[float], None] = time.sleep):
+        self.jobs, self.state, self.run, self.cfg, self.sleep = jobs, state, run, cfg, sleep
+        self.env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+
+    def add(self, spec: JobSpec) -> dict:
+        rec = self.state.jobs.get(spec.key)
+        if rec is None:
+            rec = self.state.jobs[spec.key] = {
+                "name": spec.name, "interval": spec.interval.key, "run": spec.run_url, "init": spec.init,
+                "status": "waiting", "budget": 1 + self.cfg.experts.max_retries, "attempts": []}
+        elif rec["init"] != spec.init or rec["run"] != spec.run_url:
+            raise ValueError(f"state.json already tracks {spec.key} for {rec['init']} -> {rec['run']}; "
+                             f"remove {self.run.state} to start the experts over")
+        return rec
+
+    def retry_failed(self, keys: list[str]) -> None:
+        """Give every failed job a fresh set of attempts (`linearsr experts --retry-failed`)."""
+        for key in keys:
+            rec = self.state.jobs[key]
+            if rec["status"] == "failed":
+                rec["budget"] = len(rec["attempts"]) + 1 + self.cfg.experts.max_retries
+                rec["status"] = "waiting"
+                self.state.event(f"{rec['name']}: failed before; {1 + self.cfg.experts.max_retries} more attempt(s) allowed")
+        self.state.save()
+
+    def _submit(self, key: str, spec: JobSpec, attempt: dict | None = None) -> None:
+        rec = self.state.jobs[key]
+        if attempt is None:  # a new attempt: record the intent first
+            attempt = {"submission_id": submission_id(self.run, key, len(rec["attempts"]) + 1),
+                       "status": "SUBMITTING", "submitted_at": time.time(),
+                       "start_time": None, "end_time": None, "message": ""}
+            rec["attempts"].append(attempt)
+            rec["status"] = "submitting"
+            self.state.save()
+        info = self.jobs.submit(
+            attempt["submission_id"], entrypoint(spec, self.run, self.cfg),
+            num_cpus=self.cfg.experts.num_cpus, env_vars=self.env,
+            metadata={"linearsr_run": self.run.url, "linearsr_job": key})
+        self._update(rec, attempt, info)
+        rec["status"] = "running"
+        self.state.event(f"{rec['name']}: submitted {attempt['submission_id']} "
+                         f"(try {len(rec['attempts'])} of {rec['budget']})")
+        self.state.save()
+
+    @staticmethod
+    def _update(rec: dict, attempt: dict, info: JobInfo) -> None:
+        attempt.update(status=info.status, start_time=info.start_time, end_time=info.end_time, message=info.message)
+
+    def _poll(self, key: str) -> bool:
+        """Refresh one running job; True when its record changed."""
+        rec = self.state.jobs[key]
+        attempt = rec["attempts"][-1]
+        info = self.jobs.info(attempt["submission_id"])
+        if info is None:  # the cluster forgot it (restarted): count it as a failed attempt
+            attempt.update(status="LOST", end_time=time.time(),
+                           message="the Ray cluster has no record of this job (was it restarted?)")
+        elif info.status == attempt["status"] and not info.terminal:
+            return False
+        else:
+            self._update(rec, attempt, info)
+        if attempt["status"] == "SUCCEEDED":
+            rec["status"] = "succeeded"
+            self.state.event(f"{rec['name']}: succeeded ({attempt['submission_id']})")
+        elif attempt["status"] in ("FAILED", "STOPPED", "LOST"):
+            tail = self.jobs.logs_tail(attempt["submission_id"], 15) if info is not None else ""
+            attempt["log_tail"] = tail
+            left = rec["budget"] - len(rec["attempts"])
+            rec["status"] = "waiting" if left > 0 else "failed"
+            self.state.event(
+                f"{rec['name']}: {attempt['status']} ({attempt['submission_id']}: {attempt['message'] or 'no message'}); "
+                + (f"retrying ({left} attempt(s) left)" if left > 0 else "no attempts left")
+                + (f"\n{tail}" if tail else ""),
+                logging.WARNING if left > 0 else logging.ERROR)
+        else:
+            self.state.event(f"{rec['name']}: {attempt['status']} ({attempt['submission_id']})")
+        return True
+
+    def progress(self, keys: list[str]) -> str:
+        counts: dict[str, int] = {}
+        for key in keys:
+            counts[self.state.jobs[key]["status"]] = counts.get(self.state.jobs[key]["status"], 0) + 1
+        order = ("succeeded", "running", "submitting", "waiting", "failed")
+        return f"{counts.get('succeeded', 0)}/{len(keys)} succeeded" + "".join(
+            f", {counts[s]} {s}" for s in order[1:] if counts.get(s))
+
+    def run(self, specs: list[JobSpec], poll_seconds: float, on_poll: Callable[[], None] | None = None,
+            max_connection_errors: int = 20) -> dict[str, str]:
+        """Submit (at most `experts.parallel` at once), follow and retry until every job is
+        succeeded or failed; returns key -> final status. `on_poll` runs once per poll."""
+        for spec in specs:
+            self.add(spec)
+        keys = [s.key for s in specs]
+        by_key = {s.key: s for s in specs}
+        errors, last_progress = 0, None
+        while True:
+            try:
+                for key in keys:
+                    rec = self.state.jobs[key]
+                    if rec["status"] == "submitting":  # interrupted mid-submission: Ray decides if it got through
+                        self._submit(key, by_key[key], rec["attempts"][-1])
+                    elif rec["status"] == "running":
+                        if self._poll(key):
+                            self.state.save()
+                limit = self.cfg.experts.parallel or len(keys)
+                for key in keys:
+                    rec = self.state.jobs[key]
+                    active = sum(self.state.jobs[k]["status"] in ("running", "submitting") for k in keys)
+                    if rec["status"] == "waiting" and active < limit:
+                        self._submit(key, by_key[key])
+                if on_poll is not None:
+                    on_poll()
+                errors = 0
+            except ConnectionError as e:
+                errors += 1
+                if errors >= max_connection_errors:
+                    raise
+                log.warning("%s (try %d of %d; retrying in %.0f s)", e, errors, max_connection_errors, poll_seconds)
+            progress = self.progress(keys)
+            if progress != last_progress:
+                self.state.data["progress"] = progress
+                self.state.event(f"jobs: {progress}")
+                self.state.save()
+                last_progress = progress
+            if all(self.state.jobs[k]["status"] in ("succeeded", "failed") for k in keys):
+                return {k: self.state.jobs[k]["status"] for k in keys}
+            self.sleep(poll_seconds)
+
+
+def best_checkpoint(run: RunDir, interval: Interval, cfg: ESGFConfig) -> tuple[str, int, float]:
+    """(checkpoint URL, step, val loss) of a fine-tune run: the lowest validation loss on its
+    interval among its checkpoints, never one at or after divergence."""
+    curve = curve_from_records(run.read_metrics())
+    vals = curve.by_interval.get(interval.key) or curve.val_loss
+    div = detect_divergence(curve.steps, vals, cfg.divergence, curve.train_loss, cfg.knee.smoothing, cfg.knee.window)
+    candidates = [(v, s) for s, v in zip(curve.steps, vals)
+                  if s in curve.checkpoints and math.isfinite(v) and (div is None or s < div.step)]
+    if not candidates:
+        where = f" before its divergence at step {div.step}" if div else ""
+        raise ValueError(f"the fine-tune in {run.url} has no checkpoint with a finite val loss{where}; "
+                         "see its metrics.jsonl and job log")
+    v, s = min(candidates)
+    return curve.checkpoints[s], s, v
+
+
+def _default_export(ckpt_url: str, out_prefix: str) -> None:
+    from linearsr.trainer.export import export_checkpoint
+
+    export_checkpoint(ckpt_url, out_prefix)
+
+
+def _default_write_bundle(bundle_dir: str, **kw) -> None:
+    from linearsr.model.bundle import write_bundle
+
+    write_bundle(bundle_dir, **kw)
+
+
+def assemble_bundle(
+    run: RunDir,
+    config: dict,
+    experts: list[tuple[int, Interval, str]],
+    knee_step: int | None,
+    cfg: ESGFConfig,
+    export: Callable[[str, str], None] = _default_export,
+    write_bundle: Callable[..., None] = _default_write_bundle,
+) -> str:
+    """Export each expert's best checkpoint and write RUN/bundle/ (manifest written last, so a
+    bundle without every interval never has a manifest). `experts`: (index, interval, run URL).
+    Returns the bundle URL."""
+    check_partition([iv for _, iv, _ in experts])
+    chosen = {i: best_checkpoint(RunDir(url), iv, cfg) for i, iv, url in experts}
+    with tempfile.TemporaryDirectory(prefix="linearsr-bundle-") as tmp:
+        entries = []
+        for i, iv, _ in experts:
+            ckpt, step, val = chosen[i]
+            log.info("expert %d %s: exporting step %d (val loss %.4g) from %s", i, iv, step, val, ckpt)
+            export(ckpt, os.path.join(tmp, f"expert_{i}"))
+            entries.append({"interval": [iv.lo, iv.hi], "weights": f"expert_{i}.safetensors", "val_loss": val})
+        write_bundle(tmp, experts=entries, model_config=config.get("model") or {}, knee_step=knee_step, tagger=None)
+        fs, dest = fs_for(run.bundle)
+        fs.makedirs(dest, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            if name != MANIFEST:
+                fs.put_file(os.path.join(tmp, name), f"{dest.rstrip('/')}/{name}")
+        with open(os.path.join(tmp, MANIFEST), "rb") as f:  # last, and atomically
+            write_bytes_atomic(join(run.bundle, MANIFEST), f.read())
+    return run.bundle

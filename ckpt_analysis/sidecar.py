@@ -1,0 +1,217 @@
+"""The ESGF sidecar: watch a pretrain run, decide once, act.
+
+    Sidecar(RUN).watch()        poll metrics.jsonl until a decision is due (knee confirmed,
+                                divergence, or the run finished), write analysis/decision.json,
+                                curve.png and the TensorBoard record; stop the pretrain job if it
+                                diverged; then run the experts and write the bundle.
+    Sidecar(RUN).run_experts(d) fine-tune one expert per interval in parallel from decision `d`
+                                (optionally one full-range fine-tune first), retry failures,
+                                export each expert's best checkpoint into RUN/bundle/.
+
+Everything it does is recorded in analysis/state.json first, so a killed sidecar, restarted
+with the same command, picks up where it stopped and never submits a job twice.
+Exit codes: 0 bundle written, 1 an expert failed for good or no decision is possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from linearsr.ckpt_analysis.config import esgf_from_config, expert_intervals
+from linearsr.ckpt_analysis.decision import Analysis, analyze
+from linearsr.ckpt_analysis.experts import (
+    JobTracker, assemble_bundle, best_checkpoint, expert_specs, full_range_spec,
+)
+from linearsr.ckpt_analysis.knee import detect_divergence
+from linearsr.ckpt_analysis.report import write_decision_outputs
+from linearsr.ckpt_analysis.state import State
+from linearsr.cluster.jobs import Jobs
+from linearsr.model.flow import FULL_RANGE
+from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_run_config(run: RunDir) -> dict:
+    try:
+        config = read_json(run.config)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run.config} does not exist: pass a run dir written by `linearsr train`") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{run.config} must hold a table of config sections")
+    return config
+
+
+class Sidecar:
+    def __init__(
+        self,
+        run_url: str,
+        pretrain_job: str | None = None,
+        ray_address: str | None = None,
+        poll_seconds: float | None = None,
+        jobs: Jobs | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.run = RunDir(run_url.rstrip("/"))
+        self.config = load_run_config(self.run)
+        self.cfg = esgf_from_config(self.config)
+        self.intervals = expert_intervals(self.config, self.cfg)
+        self.poll = poll_seconds or self.cfg.poll_seconds
+        self.ray_address = ray_address or self.cfg.ray_address or None
+        self.sleep = sleep
+        self._jobs = jobs
+        self.state = State(self.run)
+        if pretrain_job and pretrain_job != self.state.data["pretrain_job"]:
+            self.state.data["pretrain_job"] = pretrain_job
+            self.state.save()
+
+    @property
+    def jobs(self) -> Jobs:
+        if self._jobs is None:
+            self._jobs = Jobs(self.ray_address)
+        return self._jobs
+
+    @property
+    def pretrain_job(self) -> str | None:
+        return self.state.data["pretrain_job"]
+
+    # ------------------------------------------------------------------ deciding
+
+    def run_finished(self, records: list[dict]) -> bool:
+        """The pretrain run will add no more validations: its step budget is used up, or its
+        Ray job (when known) has ended."""
+        run_cfg, val_cfg = self.config.get("run") or {}, self.config.get("validation") or {}
+        steps = [r["step"] for r in records if r.get("step") is not None]
+        if steps and "steps" in run_cfg and max(steps) + val_cfg.get("every", 1) > run_cfg["steps"]:
+            return True
+        if self.pretrain_job:
+            try:
+                info = self.jobs.info(self.pretrain_job)
+            except ConnectionError as e:
+                log.warning("cannot tell whether the pretrain job has ended: %s", e)
+                return False
+            return info is None or info.terminal
+        return False
+
+    def analyze(self, finished: bool | None = None) -> Analysis:
+        records = self.run.read_metrics()
+        if finished is None:
+            finished = self.run_finished(records)
+        return analyze(records, self.cfg, finished=finished, checkpoint_exists=exists)
+
+    def decision(self) -> dict | None:
+        """The decision already taken for this run (analysis/decision.json), if any."""
+        return read_json_or_none(self.run.decision)
+
+    def record_decision(self, analysis: Analysis) -> dict:
+        decision = analysis.decision
+        assert decision is not None
+        write_json(self.run.decision, decision)
+        self.state.data["decision"] = {k: decision.get(k) for k in ("checkpoint", "knee_step", "diverged_at", "method")}
+        self.state.event(f"decision: {decision['checkpoint']} ({decision['reason']})")
+        self.state.save()
+        write_decision_outputs(self.run, analysis, decision)
+        return decision
+
+    def stop_pretrain(self, reason: str) -> None:
+        """Stop the pretrain job (once) if it is known and still running, recording why."""
+        job = self.pretrain_job
+        if not (self.cfg.stop_pretrain_on_divergence and job) or self.state.data["pretrain_stopped"]:
+            return
+        info = self.jobs.info(job)
+        if info is None or info.terminal:
+            return
+        self.jobs.stop(job)
+        self.state.data["pretrain_stopped"] = {"job": job, "reason": reason, "at": time.time()}
+        self.state.event(f"stopped the pretrain job {job}: {reason}", logging.WARNING)
+        self.state.save()
+
+    def _check_pretrain_divergence(self) -> None:
+        """While experts run, a pretrain run that diverges later is stopped too."""
+        if not (self.cfg.stop_pretrain_on_divergence and self.pretrain_job) or self.state.data["pretrain_stopped"]:
+            return
+        records = self.run.read_metrics()
+        steps = [r["step"] for r in records if r.get("val_loss") is not None]
+        vals = [float(r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        train = [r.get("train_loss") for r in records if r.get("val_loss") is not None]
+        div = detect_divergence(steps, vals, self.cfg.divergence, train, self.cfg.knee.smoothing, self.cfg.knee.window)
+        if div is not None:
+            self.stop_pretrain(f"divergence began at step {div.step}: {div.detail}")
+
+    def watch(self) -> int:
+        """Poll until a decision is due, take it once, then act on it. Returns the exit code."""
+        _ = self.jobs  # an unreachable cluster fails now, not after hours of waiting for the knee
+        decision, last_reason = self.decision(), None
+        if decision is not None:
+            log.info("decision already taken: %s (%s)", decision["checkpoint"], decision["reason"])
+        while decision is None:
+            records = self.run.read_metrics()
+            finished = self.run_finished(records)
+            analysis = analyze(records, self.cfg, finished=finished, checkpoint_exists=exists)
+            if analysis.decision is not None:
+                decision = self.record_decision(analysis)
+                break
+            if analysis.reason != last_reason:
+                self.state.event(f"no decision yet: {analysis.reason}")
+                self.state.save()
+                last_reason = analysis.reason
+            if finished:
+                self.state.event(f"the pretrain run has ended and no checkpoint can be chosen: {analysis.reason}", logging.ERROR)
+                self.state.save()
+                return 1
+            self.sleep(self.poll)
+        if decision.get("diverged_at") is not None:
+            self.stop_pretrain(f"divergence began at step {decision['diverged_at']}: "
+                               f"{(decision.get('divergence') or {}).get('detail', '')}")
+        return self.run_experts(decision)
+
+    # ------------------------------------------------------------------ acting
+
+    def run_experts(self, decision: dict, retry_failed: bool = False) -> int:
+        """Fine-tune the experts from decision['checkpoint'] and write the bundle. Exit code."""
+        if (self.state.data["bundle"] or {}).get("status") == "written" and not retry_failed:
+            log.info("bundle already written: %s", self.state.data["bundle"]["path"])
+            return 0
+        tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep)
+        init = decision["checkpoint"]
+        if self.cfg.experts.full_range_first:
+            spec = full_range_spec(self.run, init)
+            if retry_failed and spec.key in self.state.jobs:
+                tracker.retry_failed([spec.key])
+            if tracker.run([spec], self.poll, on_poll=self._check_pretrain_divergence)[spec.key] != "succeeded":
+                return self._fail([spec.key], "the full-range ESGF fine-tune failed")
+            init, step, val = best_checkpoint(RunDir(spec.run_url), FULL_RANGE, self.cfg)
+            self.state.event(f"full-range fine-tune done: experts start from step {step} (val loss {val:.4g}): {init}")
+        specs = expert_specs(self.run, self.intervals, init)
+        if retry_failed:
+            tracker.retry_failed([s.key for s in specs if s.key in self.state.jobs])
+        result = tracker.run(specs, self.poll, on_poll=self._check_pretrain_divergence)
+        failed = [k for k, status in result.items() if status != "succeeded"]
+        if failed:
+            return self._fail(failed, "expert fine-tune(s) failed")
+        experts = [(i, s.interval, s.run_url) for i, s in enumerate(specs)]
+        try:
+            url = assemble_bundle(self.run, self.config, experts, decision.get("knee_step"), self.cfg)
+        except (ValueError, FileNotFoundError) as e:
+            self.state.data["bundle"] = {"status": "failed", "failed": [], "error": str(e)}
+            self.state.event(f"no bundle written: {e}", logging.ERROR)
+            self.state.save()
+            return 1
+        self.state.data["bundle"] = {"status": "written", "path": url,
+                                     "experts": [{"interval": s.interval.key, "run": s.run_url} for s in specs]}
+        self.state.event(f"bundle written: {url} ({len(specs)} experts)")
+        self.state.save()
+        return 0
+
+    def _fail(self, keys: list[str], what: str) -> int:
+        recs = [self.state.jobs[k] for k in keys]
+        detail = "; ".join(
+            f"{r['name']} (interval {r['interval']}) after {len(r['attempts'])} attempt(s), last "
+            f"{r['attempts'][-1]['submission_id'] if r['attempts'] else '-'}: "
+            f"{(r['attempts'][-1]['message'] if r['attempts'] else '') or 'no message'}" for r in recs)
+        self.state.data["bundle"] = {"status": "failed", "failed": [r["interval"] for r in recs], "error": f"{what}: {detail}"}
+        self.state.event(f"no bundle written: {what}: {detail}", logging.ERROR)
+        self.state.save()
+        return 1

@@ -1,0 +1,109 @@
+"""`linearsr analyze` one-shot and the decision's outputs (decision.json, curve.png, TensorBoard),
+without a Ray cluster."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+
+from linearsr.ckpt_analysis.sidecar import Sidecar
+from linearsr.main import main
+from linearsr.trainer.rundir import MetricsWriter, read_json, write_json
+
+
+def make_run(path, n, noise=0.005, nan_from=None, config=None):
+    rng = random.Random(0)
+    w = MetricsWriter(str(path))
+    for i in range(n):
+        step = 100 * (i + 1)
+        v = 0.5 * math.exp(-step / 600) + 0.1 + rng.gauss(0, noise)
+        if nan_from is not None and step >= nan_from:
+            v = math.nan
+        ckpt = None
+        if i % 2:
+            ckpt = os.path.join(str(path), "checkpoints", f"checkpoint_{step:06d}")
+            os.makedirs(ckpt)
+        w.append({"step": step, "samples": 8 * step, "wall_time": float(step), "train_loss": v, "val_loss": v,
+                  "val_loss_by_interval": {"-inf,-3": 2 * v, "-3,0": v, "0,3": v / 2, "3,inf": v / 4},
+                  "lr": 1e-3, "grad_norm": 1.0, "samples_per_s": 50.0, "data_skips": {}, "checkpoint": ckpt})
+    write_json(os.path.join(str(path), "config.json"),
+               config if config is not None else {"run": {"name": "t", "steps": 100_000}, "validation": {"every": 100}})
+    return str(path)
+
+
+def test_one_shot_says_why_there_is_no_decision_yet(tmp_path, capsys):
+    run = make_run(tmp_path / "short", 6)
+    assert main(["analyze", run]) == 0
+    out = capsys.readouterr().out
+    assert "no knee yet: 6 validations, need ≥ 8" in out
+    assert not os.path.exists(os.path.join(run, "analysis", "decision.json"))  # one-shot never decides
+
+
+def test_one_shot_tolerates_a_partly_written_last_line(tmp_path, capsys):
+    run = make_run(tmp_path / "torn", 30)
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3100, "val_loss": 0.1, "checkp')
+    assert main(["analyze", run, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["validations"] == 30 and s["last_step"] == 3000
+    assert s["decided"] is False and s["would_decide"]["method"] == "kneedle"
+    assert s["would_decide"]["checkpoint_step"] <= s["knee_step"]
+    with open(os.path.join(run, "analysis", "curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_flag_and_step_budget_let_a_still_falling_run_decide(tmp_path, capsys):
+    run = make_run(tmp_path / "budget", 12, noise=0.0)
+    assert main(["analyze", run]) == 0
+    assert "not confirmed yet" in capsys.readouterr().out
+    assert main(["analyze", run, "--finished", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["would_decide"] is not None
+    # the trainer's step budget (run.steps) is used up: the run has ended
+    run2 = make_run(tmp_path / "ended", 12, noise=0.0, config={"run": {"steps": 1200}, "validation": {"every": 100}})
+    assert Sidecar(run2).run_finished(Sidecar(run2).run.read_metrics())
+
+
+def test_bad_run_dir_and_bad_esgf_config_are_one_line_errors(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "config.json does not exist" in err and "Traceback" not in err
+    run = make_run(tmp_path / "bad", 3, config={"esgf": {"knee": {"smoothing": "gauss"}}})
+    assert main(["analyze", run]) == 1
+    assert "esgf.knee.smoothing" in capsys.readouterr().err
+
+
+def test_decision_is_written_with_picture_and_tensorboard_record(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = make_run(tmp_path / "tb", 30, nan_from=2600)
+    sidecar = Sidecar(run)
+    analysis = sidecar.analyze()
+    assert analysis.decision is not None
+    d = sidecar.record_decision(analysis)
+    on_disk = read_json(os.path.join(run, "analysis", "decision.json"))
+    assert on_disk["checkpoint"] == d["checkpoint"] and on_disk["diverged_at"] == 2600
+    assert d["checkpoint_step"] < 2600
+    state = read_json(os.path.join(run, "analysis", "state.json"))
+    assert state["decision"]["checkpoint"] == d["checkpoint"]
+    assert os.path.getsize(os.path.join(run, "analysis", "curve.png")) > 10_000
+
+    acc = EventAccumulator(os.path.join(run, "tb"), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    knee = acc.Scalars("esgf/knee")
+    assert [e.step for e in knee] == [d["knee_step"]]
+    assert [e.step for e in acc.Scalars("esgf/diverged")] == [2600]
+    assert "esgf/curve" in tags["images"]
+    text = acc.Tensors("esgf/decision/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert d["checkpoint"] in text and "kneedle" in text
+
+
+@pytest.mark.parametrize("argv", [["experts", "RUN"], ["experts", "RUN", "--from-checkpoint", "RUN/nope"]])
+def test_experts_without_a_usable_checkpoint_is_a_clear_error(tmp_path, capsys, argv):
+    run = make_run(tmp_path / "ex", 4)
+    assert main([a.replace("RUN", run) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert ("has no decision yet" in err) or ("does not exist" in err)
+    assert not os.path.exists(os.path.join(run, "analysis", "decision.json"))
