@@ -1,0 +1,120 @@
+"""A fault-injecting HTTP proxy for S3 tests, on 127.0.0.1.
+
+Point a client's endpoint at the proxy; it forwards to the real (local) S3 server and, for a
+seeded random fraction of requests, instead:
+  - "reset":  closes the connection without answering (a dropped TCP connection),
+  - "slowdown": answers 503 SlowDown with S3's XML error body (what S3 says when throttling),
+  - "truncate": forwards the request but cuts the response body off halfway.
+Counts of forwarded requests and injected faults are kept per kind, for assertions."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, reset: float = 0.0, slowdown: float = 0.0, truncate: float = 0.0,
+                 seed: int = 0, methods: tuple[str, ...] = ("GET", "PUT", "POST", "HEAD", "DELETE")):
+        parts = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
+        self.rates = {"reset": reset, "slowdown": slowdown, "truncate": truncate}
+        self.methods = set(methods)
+        self.counts: Counter = Counter()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.enabled = True
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._pick(self.command)
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault == "slowdown":
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOWDOWN_BODY)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(SLOWDOWN_BODY)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if fault == "truncate" and len(data) > 1:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _pick(self, method: str) -> str | None:
+        with self._lock:
+            self.counts["requests"] += 1
+            if not self.enabled or method not in self.methods:
+                return None
+            u = self._rng.random()
+            acc = 0.0
+            for kind, rate in self.rates.items():
+                acc += rate
+                if u < acc:
+                    self.counts[kind] += 1
+                    return kind
+            return None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def injected(self) -> int:
+        return sum(self.counts[k] for k in self.rates)
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
