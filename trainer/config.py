@@ -102,8 +102,9 @@ class ValidationConfig:
         for name in ("every", "max_batches", "sample_steps", "num_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"validation.{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_every < 0:
-            raise ValueError(f"validation.image_every must be >= 0 (0 = off), got {self.image_every}")
+        if self.image_every < 0 or self.image_every % self.every:
+            raise ValueError(f"validation.image_every must be 0 (off) or a multiple of validation.every={self.every}, "
+                             f"got {self.image_every}")
 
 
 @dataclass(frozen=True)

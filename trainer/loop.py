@@ -90,7 +90,7 @@ class Trainer:
         self.meta = None
         if resume is not None:
             self._load_resume(resume)
-        self.wall_start = time.time()
+        self.start_step = self.step
         if self.rank == 0:
             self._open_outputs()
         dist.barrier()
@@ -273,6 +273,7 @@ class Trainer:
             "t_min": t_range[0].item(),
             "t_max": -t_range[1].item(),
             "t_interval": self.interval.key if self.interval else None,
+            "start_step": self.start_step,  # where this attempt began: 0, or the checkpoint it resumed
         }
         images = self._images() if cfg.validation.image_every and self.step % cfg.validation.image_every == 0 else None
         if save:

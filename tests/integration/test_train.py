@@ -1,0 +1,199 @@
+"""`linearsr train` end to end on CPU: a local Ray, 2 workers, DeepSpeed on gloo, real photos.
+
+The Ray runs are few and shared (each fit costs ~15-20 s of start-up here):
+  zero2      ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps)
+  finetune   --init zero2's last checkpoint --t-interval=0,3, then rerun with more steps (resume)
+  zero3_s3   ZeRO-3, run dir on the local S3 server, then `linearsr export` + load the bundle"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from linearsr.main import main
+from linearsr.model.flow import FlowConfig, Interval
+from linearsr.trainer import rundir
+from linearsr.trainer import checkpoint as ckpt
+
+pytestmark = pytest.mark.integration
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu_tiny.toml")
+SMALL = [  # cpu_tiny, smaller batches and validation so a step takes ~0.1 s
+    "data.batch_size=4", "data.crop=64", "data.val_crop=64", "data.num_workers=1", "data.shuffle_buffer=8",
+    "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "flow.val_points_per_interval=2",
+    "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
+]
+SAMPLES_PER_STEP = 4 * 2  # batch x workers
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> str:
+    """Shards of six real photos (scikit-image and scikit-learn samples, halved): 1 per shard."""
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from linearsr.data.shards import build_shards
+
+    base = tmp_path_factory.mktemp("photos")
+    images = {n: getattr(skimage.data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket")}
+    images.update(zip(("china", "flower"), load_sample_images().images))
+    for name, arr in images.items():
+        img = Image.fromarray(arr).convert("RGB")
+        img.resize((img.width // 2, img.height // 2), Image.Resampling.LANCZOS).save(base / f"{name}.png")
+    build_shards(str(base), str(base / "shards"), samples_per_shard=1, val_fraction=0.3, progress=False)
+    return str(base / "shards")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from linearsr.cluster.launch import connect
+
+    connect()
+    yield
+    ray.shutdown()
+
+
+def train(*args: str) -> None:
+    assert main(["train", "--config", CONFIG, *SMALL, *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_session, photo_shards, tmp_path_factory) -> str:
+    run = str(tmp_path_factory.mktemp("zero2") / "run")
+    marker = str(tmp_path_factory.mktemp("faults") / "died")
+    train(f"data.shards={photo_shards}", "run.steps=60", "checkpoint.every=20", "validation.image_every=30",
+          "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={marker}", "--run", run)
+    assert os.path.exists(marker), "the injected worker failure did not happen"
+    return run
+
+
+@pytest.fixture(scope="module")
+def finetune(zero2, photo_shards, tmp_path_factory) -> tuple[str, list[dict]]:
+    """A fine-tune of zero2 inside one interval: 20 steps, then rerun to 30 (resume from 20).
+    Returns (run, the records after the first 20 steps)."""
+    run = str(tmp_path_factory.mktemp("finetune") / "run")
+    init = ckpt.url_of(zero2, 60)
+    args = [f"data.shards={photo_shards}", "checkpoint.every=10", "validation.image_every=0", "--run", run,
+            "--init", init, "--t-interval=0,3"]
+    train("run.steps=20", *args)
+    first = rundir.read_metrics(run)
+    train("run.steps=30", *args)
+    return run, first
+
+
+def test_zero2_validation_loss_decreases(zero2):
+    val = [r["val_loss"] for r in rundir.read_metrics(zero2)]
+    assert val[-1] < val[0], val
+
+
+def test_metrics_schema_and_intervals(zero2):
+    records = rundir.read_metrics(zero2)
+    keys = [iv.key for iv in FlowConfig(val_points_per_interval=2).intervals()]
+    assert keys == ["-inf,-3", "-3,0", "0,3", "3,inf"]
+    for r in records:
+        assert set(rundir.METRIC_FIELDS) <= set(r), set(rundir.METRIC_FIELDS) - set(r)
+        assert list(r["val_loss_by_interval"]) == keys
+        assert all(v > 0 for v in r["val_loss_by_interval"].values())
+        assert 0 <= r["data_wait_frac"] <= 1 and r["samples_per_s"] > 0 and r["grad_norm"] > 0
+        assert r["samples"] == r["step"] * SAMPLES_PER_STEP
+
+
+def test_killed_worker_resumes_from_last_checkpoint(zero2):
+    records = rundir.read_metrics(zero2)
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]  # no gap, no duplicate, no restart
+    assert [r["start_step"] for r in records] == [0, 0, 20, 20, 20, 20]  # killed at 30, resumed from 20
+
+
+def test_checkpoints_complete_and_named_in_metrics(zero2):
+    found = ckpt.list_checkpoints(zero2)
+    assert [(f.step, f.complete) for f in found] == [(20, True), (40, True), (60, True)]
+    by_step = {r["step"]: r["checkpoint"] for r in rundir.read_metrics(zero2)}
+    assert by_step == {10: None, 20: found[0].url, 30: None, 40: found[1].url, 50: None, 60: found[2].url}
+    meta = ckpt.read_meta(found[-1].url)
+    assert meta["step"] == 60 and meta["samples"] == 60 * SAMPLES_PER_STEP and meta["zero_stage"] == 2
+    assert meta["config"]["faults"]["die_at_step"] == 30
+    assert rundir.read_json(rundir.join(zero2, "config.json"))["run"]["url"] == zero2
+
+
+def test_tensorboard_has_scalars_image_and_config(zero2):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(rundir.join(zero2, "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("loss/val_loss", "loss/train_loss", "train/lr", "train/grad_norm", "val_loss_by_interval/0,3"):
+        assert tag in tags["scalars"], tags["scalars"]
+    assert sorted({e.step for e in acc.Scalars("loss/val_loss")}) == [10, 20, 30, 40, 50, 60]
+    image = acc.Images("samples/lr_1nfe_nstep_hr")[-1]
+    assert image.step == 60 and image.width == 4 * 64 and image.height % 64 == 0  # rows of LR|1-NFE|N-step|HR
+    assert any(t.startswith("config") for t in tags["tensors"])
+
+
+def test_finetune_draws_t_only_inside_its_interval(finetune):
+    run, _ = finetune
+    interval = Interval.parse("0,3")
+    t_min, t_max = interval.t_range
+    records = rundir.read_metrics(run)
+    for r in records:
+        assert t_min <= r["t_min"] <= r["t_max"] <= t_max, (r["t_min"], r["t_max"], interval.t_range)
+        assert list(r["val_loss_by_interval"]) == ["0,3"] and r["val_loss"] == r["val_loss_by_interval"]["0,3"]
+        assert r["t_interval"] == "0,3"
+    assert ckpt.read_meta(ckpt.url_of(run, 30))["t_interval"] == "0,3"
+
+
+def test_finetune_starts_from_init_weights_at_step_zero(finetune, zero2):
+    run, first = finetune
+    pretrain = rundir.read_metrics(zero2)
+    assert first[0]["step"] == 10 and first[0]["start_step"] == 0
+    # starting from the pretrained weights, its first validation beats the pretrain's first one
+    assert first[0]["val_loss"] < pretrain[0]["val_loss_by_interval"]["0,3"]
+
+
+def test_rerun_on_existing_run_dir_resumes(finetune):
+    run, first = finetune
+    records = rundir.read_metrics(run)
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[:2] == first  # the curve up to the checkpoint is kept as it was
+    assert records[2]["start_step"] == 20
+
+
+@pytest.fixture(scope="module")
+def zero3_s3(ray_session, photo_shards, s3_server) -> str:
+    run = f"{s3_server.make_bucket('zero3')}/runs/zero3"
+    train(f"data.shards={photo_shards}", "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=30",
+          "validation.image_every=30", "--run", run)
+    return run
+
+
+def test_zero3_on_s3_run_dir(zero3_s3):
+    records = rundir.read_metrics(zero3_s3)
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    url = f"{zero3_s3}/checkpoints/checkpoint_000030"
+    assert records[-1]["checkpoint"] == url and ckpt.is_complete(url)
+    meta = ckpt.read_meta(url)
+    assert meta["zero_stage"] == 3 and meta["world_size"] == 2
+    assert rundir.read_json(f"{zero3_s3}/config.json")["deepspeed"]["zero_stage"] == 3
+    fs, path = rundir.fs_for(f"{zero3_s3}/tb")
+    assert any("tfevents" in p for p in fs.ls(path))
+
+
+def test_export_zero3_checkpoint_loads_as_bundle(zero3_s3, tmp_path):
+    import torch
+
+    from linearsr.model.bundle import load_bundle, read_expert_meta
+    from linearsr.model.sampler import sample
+
+    url = f"{zero3_s3}/checkpoints/checkpoint_000030"
+    out = tmp_path / "bundle"
+    assert main(["export", url, str(out)]) == 0
+    meta = read_expert_meta(out / "model.safetensors")
+    assert meta["step"] == 30 and meta["checkpoint"] == url
+    moe = load_bundle(out)
+    lr = torch.rand(1, 3, 16, 20)
+    image = sample(moe, lr, [[]], steps=2).image
+    assert image.shape == (1, 3, 64, 80) and torch.isfinite(image).all()
