@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from linearsr.ckpt_analysis.decision import manual_decision
+from linearsr.ckpt_analysis.experts import checkpoint_complete
 from linearsr.ckpt_analysis.sidecar import Sidecar
 from linearsr.trainer.rundir import exists, write_json
 
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{sidecar.run.state} to start the experts over from {ckpt}")
         if not exists(ckpt):
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        if not checkpoint_complete(ckpt):
+            raise ValueError(f"checkpoint {ckpt} is incomplete (its save was interrupted); choose another")
         if decision is None:
             _ = sidecar.jobs  # fail on an unreachable cluster before writing anything
             decision = manual_decision(sidecar.run.read_metrics(), ckpt, sidecar.cfg, args.knee_step)

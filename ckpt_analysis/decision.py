@@ -79,7 +79,7 @@ def analyze(
     checkpoint_exists: Callable[[str], bool] | None = None,
 ) -> Analysis:
     """Analyse metrics records. `finished`: the pretrain run has ended (decide with what is there).
-    `checkpoint_exists`: filter for checkpoints that are still on storage (None = trust all)."""
+    `checkpoint_exists`: filter for checkpoints that are still on storage and complete (None = trust all)."""
     kc, curve = cfg.knee, curve_from_records(records)
     div = detect_divergence(curve.steps, curve.val_loss, cfg.divergence, curve.train_loss, kc.smoothing, kc.window)
     end = div.index if div else len(curve)
@@ -111,7 +111,7 @@ def analyze(
     if not usable:
         where = f" before divergence at step {div.step} ({div.detail})" if div else ""
         return result(None, f"no decision possible yet: no usable checkpoint{where}"
-                            + (f"; missing on storage: steps {gone}" if gone else ""))
+                            + (f"; missing or incomplete on storage: steps {gone}" if gone else ""))
 
     notes = []
     if knee is not None:
@@ -134,7 +134,7 @@ def analyze(
     elif finished and method == "kneedle":
         notes.append("the run finished")
     if gone:
-        notes.append(f"skipped checkpoints missing on storage: steps {gone}")
+        notes.append(f"skipped checkpoints missing or incomplete on storage: steps {gone}")
 
     finite = [(v, s) for s, v in zip(curve.steps, curve.val_loss) if math.isfinite(v)]
     best_v, best_s = min(finite) if finite else (math.nan, None)

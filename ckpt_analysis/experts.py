@@ -84,7 +84,7 @@ class JobTracker:
     Every change is saved to state.json before the next Ray call."""
 
     def __init__(self, jobs: Jobs, state: State, run: RunDir, cfg: ESGFConfig, sleep: Callable[[float], None] = time.sleep):
-        self.jobs, self.state, self.run, self.cfg, self.sleep = jobs, state, run, cfg, sleep
+        self.jobs, self.state, self.rundir, self.cfg, self.sleep = jobs, state, run, cfg, sleep
         self.env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
 
     def add(self, spec: JobSpec) -> dict:
@@ -95,7 +95,7 @@ class JobTracker:
                 "status": "waiting", "budget": 1 + self.cfg.experts.max_retries, "attempts": []}
         elif rec["init"] != spec.init or rec["run"] != spec.run_url:
             raise ValueError(f"state.json already tracks {spec.key} for {rec['init']} -> {rec['run']}; "
-                             f"remove {self.run.state} to start the experts over")
+                             f"remove {self.rundir.state} to start the experts over")
         return rec
 
     def retry_failed(self, keys: list[str]) -> None:
@@ -111,16 +111,16 @@ class JobTracker:
     def _submit(self, key: str, spec: JobSpec, attempt: dict | None = None) -> None:
         rec = self.state.jobs[key]
         if attempt is None:  # a new attempt: record the intent first
-            attempt = {"submission_id": submission_id(self.run, key, len(rec["attempts"]) + 1),
+            attempt = {"submission_id": submission_id(self.rundir, key, len(rec["attempts"]) + 1),
                        "status": "SUBMITTING", "submitted_at": time.time(),
                        "start_time": None, "end_time": None, "message": ""}
             rec["attempts"].append(attempt)
             rec["status"] = "submitting"
             self.state.save()
         info = self.jobs.submit(
-            attempt["submission_id"], entrypoint(spec, self.run, self.cfg),
+            attempt["submission_id"], entrypoint(spec, self.rundir, self.cfg),
             num_cpus=self.cfg.experts.num_cpus, env_vars=self.env,
-            metadata={"linearsr_run": self.run.url, "linearsr_job": key})
+            metadata={"linearsr_run": self.rundir.url, "linearsr_job": key})
         self._update(rec, attempt, info)
         rec["status"] = "running"
         self.state.event(f"{rec['name']}: submitted {attempt['submission_id']} "
@@ -218,13 +218,21 @@ def best_checkpoint(run: RunDir, interval: Interval, cfg: ESGFConfig) -> tuple[s
     vals = curve.by_interval.get(interval.key) or curve.val_loss
     div = detect_divergence(curve.steps, vals, cfg.divergence, curve.train_loss, cfg.knee.smoothing, cfg.knee.window)
     candidates = [(v, s) for s, v in zip(curve.steps, vals)
-                  if s in curve.checkpoints and math.isfinite(v) and (div is None or s < div.step)]
+                  if s in curve.checkpoints and math.isfinite(v) and (div is None or s < div.step)
+                  and checkpoint_complete(curve.checkpoints[s])]
     if not candidates:
         where = f" before its divergence at step {div.step}" if div else ""
         raise ValueError(f"the fine-tune in {run.url} has no checkpoint with a finite val loss{where}; "
                          "see its metrics.jsonl and job log")
     v, s = min(candidates)
     return curve.checkpoints[s], s, v
+
+
+def checkpoint_complete(ckpt_url: str) -> bool:
+    """The trainer's completeness marker is there (an interrupted save is never used)."""
+    from linearsr.trainer.checkpoint import is_complete
+
+    return is_complete(ckpt_url)
 
 
 def _default_export(ckpt_url: str, out_prefix: str) -> None:
@@ -245,12 +253,14 @@ def assemble_bundle(
     experts: list[tuple[int, Interval, str]],
     knee_step: int | None,
     cfg: ESGFConfig,
-    export: Callable[[str, str], None] = _default_export,
-    write_bundle: Callable[..., None] = _default_write_bundle,
+    export: Callable[[str, str], None] | None = None,
+    write_bundle: Callable[..., None] | None = None,
 ) -> str:
     """Export each expert's best checkpoint and write RUN/bundle/ (manifest written last, so a
     bundle without every interval never has a manifest). `experts`: (index, interval, run URL).
-    Returns the bundle URL."""
+    `export` / `write_bundle` default to the trainer's and the model's. Returns the bundle URL."""
+    export = export or _default_export
+    write_bundle = write_bundle or _default_write_bundle
     check_partition([iv for _, iv, _ in experts])
     chosen = {i: best_checkpoint(RunDir(url), iv, cfg) for i, iv, url in experts}
     with tempfile.TemporaryDirectory(prefix="linearsr-bundle-") as tmp:

@@ -22,14 +22,14 @@ from collections.abc import Callable
 from linearsr.ckpt_analysis.config import esgf_from_config, expert_intervals
 from linearsr.ckpt_analysis.decision import Analysis, analyze
 from linearsr.ckpt_analysis.experts import (
-    JobTracker, assemble_bundle, best_checkpoint, expert_specs, full_range_spec,
+    JobTracker, assemble_bundle, best_checkpoint, checkpoint_complete, expert_specs, full_range_spec,
 )
 from linearsr.ckpt_analysis.knee import detect_divergence
 from linearsr.ckpt_analysis.report import write_decision_outputs
 from linearsr.ckpt_analysis.state import State
 from linearsr.cluster.jobs import Jobs
 from linearsr.model.flow import FULL_RANGE
-from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
+from linearsr.trainer.rundir import RunDir, read_json, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Sidecar:
         records = self.run.read_metrics()
         if finished is None:
             finished = self.run_finished(records)
-        return analyze(records, self.cfg, finished=finished, checkpoint_exists=exists)
+        return analyze(records, self.cfg, finished=finished, checkpoint_exists=checkpoint_complete)
 
     def decision(self) -> dict | None:
         """The decision already taken for this run (analysis/decision.json), if any."""
@@ -149,7 +149,7 @@ class Sidecar:
         while decision is None:
             records = self.run.read_metrics()
             finished = self.run_finished(records)
-            analysis = analyze(records, self.cfg, finished=finished, checkpoint_exists=exists)
+            analysis = analyze(records, self.cfg, finished=finished, checkpoint_exists=checkpoint_complete)
             if analysis.decision is not None:
                 decision = self.record_decision(analysis)
                 break

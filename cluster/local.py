@@ -3,7 +3,8 @@
 `start()` runs `ray start --head --block` as a child in its own process group, with the
 dashboard (which serves the Jobs API) bound to 127.0.0.1 on a free or given port, every other
 Ray port chosen free (so several heads can share a machine), `RAY_AUTH_MODE=disabled`, and
-Ray's temp dir (sessions, logs, sockets) under the state folder (`runs/ray/` by default).
+Ray's temp dir (sessions, logs, sockets) under the state folder (`$LINEARSR_RAY_DIR`, by
+default `runs/ray/`).
 Because the temp dir is private, `ray.init()` elsewhere on the machine does not attach to this
 head by accident. The head's address is written to `STATE/cluster.json`; `stop()` ends exactly
 the process group it started (never `ray stop`, which kills every Ray on the machine).
@@ -34,7 +35,7 @@ import requests
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = os.path.join("runs", "ray")
+DEFAULT_STATE_DIR = os.environ.get("LINEARSR_RAY_DIR") or os.path.join("runs", "ray")
 STATE_FILE = "cluster.json"
 
 

@@ -86,7 +86,7 @@ def test_missing_checkpoints_are_skipped():
     gone = full["checkpoint"]
     d = analyze(recs, CFG, checkpoint_exists=lambda url: url != gone).decision
     assert d["checkpoint_step"] == full["checkpoint_step"] - 200
-    assert "missing on storage" in d["reason"]
+    assert "missing or incomplete on storage" in d["reason"]
 
 
 def test_finished_run_without_knee_takes_the_best_checkpoint():

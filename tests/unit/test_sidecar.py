@@ -10,6 +10,7 @@ import pytest
 
 from linearsr.ckpt_analysis.sidecar import Sidecar
 from linearsr.main import main
+from linearsr.trainer.checkpoint import MARKER
 from linearsr.trainer.rundir import MetricsWriter, read_json, write_json
 
 
@@ -24,7 +25,7 @@ def make_run(path, n, noise=0.005, nan_from=None, config=None):
         ckpt = None
         if i % 2:
             ckpt = os.path.join(str(path), "checkpoints", f"checkpoint_{step:06d}")
-            os.makedirs(ckpt)
+            write_json(os.path.join(ckpt, MARKER), {"files": []})  # the trainer's completeness marker
         w.append({"step": step, "samples": 8 * step, "wall_time": float(step), "train_loss": v, "val_loss": v,
                   "val_loss_by_interval": {"-inf,-3": 2 * v, "-3,0": v, "0,3": v / 2, "3,inf": v / 4},
                   "lr": 1e-3, "grad_norm": 1.0, "samples_per_s": 50.0, "data_skips": {}, "checkpoint": ckpt})
@@ -107,3 +108,12 @@ def test_experts_without_a_usable_checkpoint_is_a_clear_error(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert ("has no decision yet" in err) or ("does not exist" in err)
     assert not os.path.exists(os.path.join(run, "analysis", "decision.json"))
+
+
+def test_a_checkpoint_without_its_completeness_marker_is_never_chosen(tmp_path):
+    run = make_run(tmp_path / "partial", 30)
+    first = Sidecar(run).analyze().decision
+    os.remove(os.path.join(first["checkpoint"], MARKER))  # its save was interrupted
+    d = Sidecar(run).analyze().decision
+    assert d["checkpoint_step"] == first["checkpoint_step"] - 200
+    assert f"missing or incomplete on storage: steps [{first['checkpoint_step']}]" in d["reason"]

@@ -1,0 +1,268 @@
+"""The sidecar on a real local Ray cluster: parallel expert jobs, restarts without duplicate
+submissions, retries, divergence handling, S3 run dirs.
+
+The expert entrypoint here is a small stand-in trainer (FAKE_TRAINER): it takes exactly the
+contract's arguments, writes the expert run dir (metrics.jsonl + checkpoints with their
+COMPLETE marker) and can fail on purpose. Export writes real model weights (save_expert of the
+tiny model) so the bundle is loaded back with the real `load_bundle`. The end-to-end test with
+the real `linearsr train` lives in test_sidecar_e2e.py."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from linearsr.ckpt_analysis import experts as experts_mod
+from linearsr.cluster.jobs import Jobs
+from linearsr.main import main
+from linearsr.model.bundle import load_bundle, read_manifest, save_expert
+from linearsr.model.config import ModelConfig
+from linearsr.model.network import LinearSR
+from linearsr.trainer.checkpoint import MARKER
+from linearsr.trainer.rundir import MetricsWriter, RunDir, exists, join, read_json, write_json
+
+pytestmark = pytest.mark.integration
+
+INTERVALS = ["-inf,-3", "-3,0", "0,3", "3,inf"]
+
+FAKE_TRAINER = textwrap.dedent('''
+    import argparse, json, sys, time
+    from linearsr.trainer.rundir import MetricsWriter, exists, join, read_json, write_json
+    PLAN = json.loads({plan!r})
+    p = argparse.ArgumentParser()
+    for flag in ("--config", "--run", "--init", "--t-interval"):
+        p.add_argument(flag, required=True)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    t0 = time.time()
+    read_json(a.config)
+    behaviour = PLAN.get(a.t_interval, "ok")
+    marker = join(a.run, "failed_once")
+    if behaviour == "fail" or (behaviour == "fail_once" and not exists(marker)):
+        write_json(marker, {{}})
+        print(f"injected failure for interval {{a.t_interval}}", flush=True)
+        sys.exit(3)
+    time.sleep({sleep})
+    barrier = PLAN.get("barrier", 0)  # wait (up to 60 s) until this many experts have started
+    write_json(join(a.run, "started"), {{"at": t0}})
+    parent = a.run.rstrip("/").rsplit("/", 1)[0]
+    while barrier and sum(exists(join(parent, d, "started")) for d in {intervals!r}) < barrier \
+            and time.time() < t0 + 60:
+        time.sleep(0.2)
+    w = MetricsWriter(a.run)
+    for step, loss in ((10, 0.5), (20, 0.3), (30, 0.4)):
+        ckpt = join(a.run, "checkpoints", f"checkpoint_{{step:06d}}")
+        write_json(join(ckpt, "COMPLETE"), {{"files": []}})
+        w.append({{"step": step, "val_loss": loss, "train_loss": loss, "checkpoint": ckpt,
+                  "val_loss_by_interval": {{a.t_interval: loss}}}})
+    write_json(join(a.run, "args.json"), {{"init": a.init, "interval": a.t_interval, "config": a.config,
+                                           "overrides": a.overrides, "start": t0, "end": time.time()}})
+''')
+
+
+def fake_trainer(plan=None, sleep=0.5) -> str:
+    dirs = [f"{i}_{k.replace(',', '_')}" for i, k in enumerate(INTERVALS)]
+    return FAKE_TRAINER.format(plan=json.dumps(plan or {}), sleep=sleep, intervals=dirs)
+
+
+def real_weights_export(ckpt_url, out_prefix):
+    """Stand-in for the trainer's export (the stand-in checkpoints hold no DeepSpeed shards)."""
+    torch_seed = int(ckpt_url.rstrip("/")[-6:])
+    import torch
+
+    torch.manual_seed(torch_seed)
+    save_expert(out_prefix, LinearSR(ModelConfig.preset("cpu_tiny")), {"checkpoint": ckpt_url})
+
+
+@pytest.fixture
+def fake_export(monkeypatch):
+    monkeypatch.setattr(experts_mod, "_default_export", real_weights_export)
+
+
+def make_pretrain_run(url, tmp_path, plan=None, n=30, nan_from=None, sleep=0.5, esgf=None, steps=100_000):
+    """A pretrain run dir: config.json + a decaying val curve with a checkpoint every 2nd validation."""
+    script = tmp_path / f"fake_train_{uuid.uuid4().hex[:6]}.py"
+    script.write_text(fake_trainer(plan, sleep))
+    esgf_cfg = {"poll_seconds": 0.3, "experts": {"command": f"{sys.executable} {script}", "num_cpus": 0.5,
+                                                  "max_retries": 1, "steps": 30}}
+    for k, v in (esgf or {}).items():
+        esgf_cfg[k] = {**esgf_cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    write_json(join(url, "config.json"), {"run": {"name": "x", "steps": steps}, "validation": {"every": 100},
+                                          "model": ModelConfig.preset("cpu_tiny").to_dict(), "flow": {},
+                                          "esgf": esgf_cfg})
+    w = MetricsWriter(url)
+    for i in range(n):
+        step = 100 * (i + 1)
+        v = math.nan if nan_from is not None and step >= nan_from else 0.5 * math.exp(-step / 600) + 0.1
+        ckpt = join(url, "checkpoints", f"checkpoint_{step:06d}") if i % 2 else None
+        if ckpt:
+            write_json(join(ckpt, MARKER), {"files": []})
+        w.append({"step": step, "val_loss": v, "train_loss": v, "checkpoint": ckpt,
+                  "val_loss_by_interval": {k: v for k in INTERVALS}})
+    return url
+
+
+def run_jobs(jobs: Jobs, url: str):
+    return jobs.list(prefix=os.path.basename(url.rstrip("/")) + "-")
+
+
+def test_jobs_wrapper_submit_is_idempotent_and_errors_are_one_line(ray_cluster):
+    jobs = Jobs(ray_cluster)
+    sid = f"wrapper-{uuid.uuid4().hex[:6]}"
+    cmd = f"{sys.executable} -c \"print('hello from the job')\""
+    jobs.submit(sid, cmd, num_cpus=0.5)
+    jobs.submit(sid, cmd, num_cpus=0.5)  # a restart asking again gets the same job
+    assert [j.submission_id for j in jobs.list(prefix=sid)] == [sid]
+    with pytest.raises(ValueError, match="already exists with another command"):
+        jobs.submit(sid, "echo other")
+    assert jobs.wait(sid, timeout=120, poll=0.3).status == "SUCCEEDED"
+    assert "hello from the job" in jobs.logs_tail(sid)
+    sleeper = f"sleeper-{uuid.uuid4().hex[:6]}"
+    jobs.submit(sleeper, f"{sys.executable} -c \"import time; time.sleep(300)\"", num_cpus=0.5)
+    jobs.stop(sleeper)
+    assert jobs.wait(sleeper, timeout=60, poll=0.3).status == "STOPPED"
+    assert jobs.info("no-such-job") is None
+    with pytest.raises(ConnectionError, match=r"cannot reach the Ray cluster at http://127.0.0.1:9: start one with `make ray-up` or set RAY_ADDRESS"):
+        Jobs("http://127.0.0.1:9")
+
+
+def test_divergence_stops_pretrain_then_experts_run_in_parallel_into_a_bundle(ray_cluster, tmp_path, fake_export, caplog):
+    run = make_pretrain_run(str(tmp_path / f"div-{uuid.uuid4().hex[:6]}"), tmp_path, n=30, nan_from=2500,
+                            plan={"barrier": 4})
+    jobs = Jobs(ray_cluster)
+    pretrain = f"pretrain-{uuid.uuid4().hex[:6]}"
+    jobs.submit(pretrain, f"{sys.executable} -c \"import time; time.sleep(300)\"", num_cpus=0.5)
+
+    rc = main(["analyze", run, "--watch", "--pretrain-job", pretrain, "--ray-address", ray_cluster])
+    assert rc == 0
+    d = read_json(join(run, "analysis", "decision.json"))
+    assert d["diverged_at"] == 2500 and d["checkpoint_step"] < 2500
+    assert jobs.wait(pretrain, timeout=60, poll=0.3).status == "STOPPED"
+    state = read_json(join(run, "analysis", "state.json"))
+    assert state["pretrain_stopped"]["job"] == pretrain and "divergence began at step 2500" in state["pretrain_stopped"]["reason"]
+
+    # one job per interval, each from the decision's checkpoint, their run times overlapping
+    windows = []
+    for i, key in enumerate(INTERVALS):
+        expert = RunDir(run).expert(i, key)
+        args = read_json(join(expert.url, "args.json"))
+        assert args["init"] == d["checkpoint"] and args["interval"] == key
+        assert args["config"] == RunDir(run).config and "run.steps=30" in args["overrides"]
+        windows.append((args["start"], args["end"]))
+    assert max(s for s, _ in windows) < min(e for _, e in windows), f"expert jobs did not run concurrently: {windows}"
+
+    manifest = read_manifest(join(run, "bundle"))
+    assert [e["interval"] for e in manifest["experts"]] == [k.split(",") for k in INTERVALS]
+    assert all(e["val_loss"] == 0.3 for e in manifest["experts"])  # each expert's best checkpoint (step 20)
+    assert len(load_bundle(join(run, "bundle")).experts) == 4
+    assert read_json(join(run, "analysis", "state.json"))["bundle"]["status"] == "written"
+
+    # a restarted sidecar finds everything done and submits nothing
+    before = {j.submission_id for j in run_jobs(jobs, run)}
+    assert len(before) == 4
+    assert main(["analyze", run, "--watch", "--ray-address", ray_cluster]) == 0
+    assert {j.submission_id for j in run_jobs(jobs, run)} == before
+
+
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    from linearsr.cluster import jobs as J
+    original, count = J.Jobs.submit, [0]
+    def submit(self, *args, **kwargs):
+        info = original(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == 2:  # Ray has expert 2's job; the sidecar dies before recording it
+            os.kill(os.getpid(), signal.SIGKILL)
+        return info
+    J.Jobs.submit = submit
+    from linearsr.main import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_sidecar_killed_between_expert_2_and_3_submits_only_the_missing_ones(ray_cluster, tmp_path, fake_export):
+    run = make_pretrain_run(str(tmp_path / f"kill-{uuid.uuid4().hex[:6]}"), tmp_path)
+    ckpt = join(run, "checkpoints", "checkpoint_001000")
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(killer), "experts", run, "--from-checkpoint", ckpt,
+                           "--ray-address", ray_cluster], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = read_json(join(run, "analysis", "state.json"))
+    assert [len(state["jobs"][f"expert-{i}"]["attempts"]) for i in range(4)] == [1, 1, 0, 0]
+    assert state["jobs"]["expert-1"]["attempts"][-1]["status"] == "SUBMITTING"  # recorded before asking Ray
+    jobs = Jobs(ray_cluster)
+    assert len(run_jobs(jobs, run)) == 2
+
+    assert main(["experts", run, "--ray-address", ray_cluster]) == 0  # the restart
+    ids = sorted(j.submission_id for j in run_jobs(jobs, run))
+    name = os.path.basename(run)
+    assert ids == [f"{name}-expert-{i}-try-1" for i in range(4)]
+    assert exists(join(run, "bundle", "manifest.json"))
+
+    # even with its state file lost, a sidecar asks Ray first and submits nothing twice
+    os.remove(join(run, "analysis", "state.json"))
+    assert main(["experts", run, "--ray-address", ray_cluster]) == 0
+    assert sorted(j.submission_id for j in run_jobs(jobs, run)) == ids
+
+
+def test_failed_expert_is_retried_and_a_permanent_failure_names_its_interval(ray_cluster, tmp_path, fake_export, caplog):
+    plan = {"-3,0": "fail_once", "0,3": "fail"}
+    run = make_pretrain_run(str(tmp_path / f"fail-{uuid.uuid4().hex[:6]}"), tmp_path, plan=plan)
+    ckpt = join(run, "checkpoints", "checkpoint_001000")
+    assert main(["experts", run, "--from-checkpoint", ckpt, "--ray-address", ray_cluster]) == 1
+
+    state = read_json(join(run, "analysis", "state.json"))
+    jobs = state["jobs"]
+    assert [a["status"] for a in jobs["expert-1"]["attempts"]] == ["FAILED", "SUCCEEDED"]
+    assert [a["status"] for a in jobs["expert-2"]["attempts"]] == ["FAILED", "FAILED"]
+    assert "injected failure for interval 0,3" in jobs["expert-2"]["attempts"][-1]["log_tail"]
+    assert jobs["expert-0"]["status"] == jobs["expert-3"]["status"] == "succeeded"
+    assert state["bundle"]["status"] == "failed" and state["bundle"]["failed"] == ["0,3"]
+    assert "interval 0,3" in state["bundle"]["error"]
+    assert "no bundle written" in caplog.text and "interval 0,3" in caplog.text
+    assert not exists(join(run, "bundle", "manifest.json"))
+
+    # the operator fixes the cause and gives the failed expert another round
+    cmd = read_json(join(run, "config.json"))["esgf"]["experts"]["command"].split()[-1]
+    with open(cmd, "w") as f:
+        f.write(fake_trainer())
+    assert main(["experts", run, "--retry-failed", "--ray-address", ray_cluster]) == 0
+    state = read_json(join(run, "analysis", "state.json"))
+    assert [a["submission_id"].rsplit("-", 1)[-1] for a in state["jobs"]["expert-2"]["attempts"]] == ["1", "2", "3"]
+    assert len(read_manifest(join(run, "bundle"))["experts"]) == 4
+
+
+def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, fake_export):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from linearsr.trainer.rundir import fs_for
+
+    run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000)
+    # a partly written last line (object stores are rewritten whole, but a reader may race a writer)
+    fs, path = fs_for(join(run, "metrics.jsonl"))
+    fs.pipe_file(path, fs.cat_file(path) + b'{"step": 3100, "val_lo')
+
+    assert main(["analyze", run, "--watch", "--ray-address", ray_cluster]) == 0
+    d = read_json(join(run, "analysis", "decision.json"))
+    assert d["method"] == "kneedle" and d["checkpoint"].startswith(run)
+    assert fs.cat_file(fs_for(join(run, "analysis", "curve.png"))[1])[:4] == b"\x89PNG"
+    manifest = read_json(join(run, "bundle", "manifest.json"))
+    assert len(manifest["experts"]) == 4
+    for e in manifest["experts"]:
+        assert exists(join(run, "bundle", e["weights"]))
+    tb_files = fs.ls(fs_for(join(run, "tb"))[1])
+    assert any(f.endswith(".esgf") for f in tb_files)
+    local_tb = tmp_path / "tb"
+    local_tb.mkdir()
+    for f in tb_files:
+        fs.get_file(f, str(local_tb / os.path.basename(f)))
+    acc = EventAccumulator(str(local_tb))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("esgf/knee")] == [d["knee_step"]]
