@@ -50,7 +50,29 @@ test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpe
 
 # ---------------------------------------------------------------- pretrain / cluster
 
+RAY_DIR ?= $(RUNS)/ray
+.PHONY: ray-up ray-down
+export LINEARSR_RAY_DIR ?= $(RAY_DIR)
+
+ray-up: setup  ## start a local Ray head (Jobs API on 127.0.0.1; PORT=8265 RAY_CPUS=4 optional)
+	$(PY) -m linearsr.cluster.local up --state-dir $(RAY_DIR) $(if $(PORT),--port $(PORT)) $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS))
+
+ray-down: setup  ## stop the local Ray head that `make ray-up` started (its jobs first)
+	$(PY) -m linearsr.cluster.local down --state-dir $(RAY_DIR)
+
 # ---------------------------------------------------------------- sidecar / experts
+
+RUN ?= $(RUNS)/demo
+.PHONY: sidecar analyze experts
+
+sidecar: setup  ## ESGF sidecar on RUN: wait for the knee, run the experts in parallel, write RUN/bundle (JOB=pretrain id: stop it on divergence)
+	$(BIN)/linearsr analyze $(RUN) --watch $(if $(JOB),--pretrain-job $(JOB))
+
+analyze: setup  ## the ESGF decision for RUN, or why there is none yet; draws RUN/analysis/curve.png
+	$(BIN)/linearsr analyze $(RUN)
+
+experts: setup  ## fine-tune RUN's per-log-SNR experts from CKPT=<checkpoint URL> (knee skipped) and write RUN/bundle
+	$(BIN)/linearsr experts $(RUN) $(if $(CKPT),--from-checkpoint $(CKPT))
 
 # ---------------------------------------------------------------- demo / eval
 
