@@ -64,7 +64,7 @@ def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], 
         raise
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
@@ -98,7 +98,7 @@ def save_expert(prefix: str | Path, model: LinearSR, meta: dict[str, Any] | None
 def read_expert_meta(weights: str | Path) -> dict[str, Any]:
     """The JSON beside an expert's .safetensors (readable without building the model)."""
     weights = Path(weights)
-    return _read_json(weights.with_suffix(".json"), "expert metadata")
+    return read_json(weights.with_suffix(".json"), "expert metadata")
 
 
 def _load_weights(model: LinearSR, weights: Path) -> LinearSR:
@@ -175,7 +175,7 @@ def write_bundle(
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    return _read_json(Path(bundle_dir) / MANIFEST, "bundle manifest")
+    return read_json(Path(bundle_dir) / MANIFEST, "bundle manifest")
 
 
 def load_bundle(path: str | Path) -> MoE:
