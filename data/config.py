@@ -94,6 +94,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 2
     shuffle_buffer: int = 256  # crops held in each worker's shuffle buffer
+    crops_per_image: int = 1  # random train crops per decoded image (decoding a big photo costs more than a crop)
     augment: bool = True  # random flips and 90-degree rotations of the train crops
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     max_tags: int = 8
@@ -116,7 +117,7 @@ class DataConfig:
             v = getattr(self, name)
             if v < self.scale or v % self.scale:
                 raise ValueError(f"data.{name} must be a positive multiple of data.scale={self.scale}, got {v}")
-        for name in ("batch_size", "prefetch_factor", "max_tags"):
+        for name in ("batch_size", "prefetch_factor", "max_tags", "crops_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.val_batch_size is not None and self.val_batch_size < 1:

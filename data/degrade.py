@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import signal
 
 from linearsr.data.config import DegradationConfig
 
@@ -84,12 +85,14 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
 
 
 def _filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise 2-D filter with reflect padding (replicate where the image is too small)."""
+    """Per-channel 2-D filter with reflect padding (edge where the image is too small). Through
+    FFT: ~10x faster than a depthwise conv2d for these 7..21 px kernels on CPU. The kernels are
+    point-symmetric, so convolution and correlation agree."""
     pad = kernel.shape[-1] // 2
-    mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
-    xp = F.pad(x[None], (pad, pad, pad, pad), mode=mode)
-    weight = kernel.to(x.dtype).expand(3, 1, *kernel.shape)
-    return F.conv2d(xp, weight, groups=3)[0]
+    mode = "reflect" if pad < min(x.shape[-2:]) else "edge"
+    xp = np.pad(x.numpy(), ((0, 0), (pad, pad), (pad, pad)), mode=mode)
+    out = signal.fftconvolve(xp, kernel.numpy()[None].astype(np.float64), mode="valid")
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def _blur(x: torch.Tensor, cfg: DegradationConfig, sigma: tuple[float, float], g: torch.Generator) -> torch.Tensor:
@@ -134,8 +137,9 @@ def _noise(x: torch.Tensor, cfg: DegradationConfig, sigma: tuple[float, float], 
     else:
         scale = _uniform(g, *poisson)
         base = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None] if gray else x
-        base = base.clamp(0.0, 1.0) * 255.0  # photon counts of an 8-bit image
-        noise = (torch.poisson(base, generator=g) - base) / 255.0 * scale
+        base = base.clamp(0.0, 1.0).numpy() * 255.0  # photon counts of an 8-bit image
+        rng = np.random.default_rng(int(torch.randint(2**62, (), generator=g)))  # 3x faster than torch.poisson
+        noise = torch.from_numpy(((rng.poisson(base) - base) / 255.0 * scale).astype(np.float32))
     return (x + noise).clamp(0.0, 1.0)
 
 

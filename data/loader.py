@@ -40,8 +40,8 @@ class DataQualityError(ValueError):
 
 
 def crop_array(arr: np.ndarray, size: int, rng: random.Random | None) -> np.ndarray:
-    """A size x size crop of arr [H, W, 3]: random if rng is given, else centred. Images smaller
-    than the crop are mirror-padded first."""
+    """A size x size crop of arr [H, W, 3] (a copy, so it does not pin the whole image): random if
+    rng is given, else centred. Images smaller than the crop are mirror-padded first."""
     h, w = arr.shape[:2]
     ph, pw = max(0, size - h), max(0, size - w)
     if ph or pw:
@@ -49,7 +49,7 @@ def crop_array(arr: np.ndarray, size: int, rng: random.Random | None) -> np.ndar
         h, w = arr.shape[:2]
     y = rng.randrange(h - size + 1) if rng else (h - size) // 2
     x = rng.randrange(w - size + 1) if rng else (w - size) // 2
-    return arr[y:y + size, x:x + size]
+    return arr[y:y + size, x:x + size].copy()
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -91,7 +91,8 @@ class ShardStream(IterableDataset):
                 decoded = decode(sample, stats, cfg.max_tags)
                 if decoded is not None:
                     got += 1
-                    yield crop_array(decoded[0], cfg.crop, rng), decoded[1], sample["__key__"]
+                    for _ in range(cfg.crops_per_image):
+                        yield crop_array(decoded[0], cfg.crop, rng), decoded[1], sample["__key__"]
             if not got:
                 yield None  # nothing usable in this shard: let the main process see the skips
             tried.add(url)
