@@ -48,6 +48,30 @@ test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpe
 
 # ---------------------------------------------------------------- data
 
+DATA_DIR ?= $(RUNS)/data
+S3_STATE ?= $(RUNS)/s3
+.PHONY: data devset s3-up s3-down bench-data test-data
+
+data: setup $(DATA_DIR)/shards/manifest.json  ## fetch the 48 Debian wallpaper photos (apt-get download, no install), downscale 2x, build shards in runs/data/shards
+
+$(DATA_DIR)/shards/manifest.json: data/photo_tags.json data/photos.py
+	$(PY) -m linearsr.data.photos all --photos $(DATA_DIR)/photos --shards $(DATA_DIR)/shards
+
+devset: setup  ## the development evaluation set (skimage + sklearn photos, PNG + tags.json) in runs/data/devset
+	$(PY) -m linearsr.data.devset $(DATA_DIR)/devset
+
+s3-up: setup  ## start a local S3 server (moto) on 127.0.0.1; then `. runs/s3/env` points clients at it
+	$(PY) -m linearsr.data.s3local up --state $(S3_STATE)
+
+s3-down:  ## stop the local S3 server started by s3-up
+	$(PY) -m linearsr.data.s3local down --state $(S3_STATE)
+
+bench-data: data  ## loader samples/s: local S3 server vs local disk, same shards, decode + degrade included
+	$(BIN)/linearsr bench data --shards $(DATA_DIR)/shards
+
+test-data: setup  ## the data tests only
+	$(PY) -m pytest tests/unit/test_data_*.py tests/integration/test_data_*.py -q
+
 # ---------------------------------------------------------------- pretrain / cluster
 
 RAY_DIR ?= $(RUNS)/ray
