@@ -70,19 +70,40 @@ def filesystem(url: str, endpoint: str | None = None) -> tuple[fsspec.AbstractFi
     return fsspec.core.url_to_fs(url)
 
 
+def _credentials_error(e: BaseException) -> bool:
+    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
 def _fatal(e: BaseException) -> bool:
-    """Errors that no retry can fix: a missing object or bucket, denied access, bad arguments."""
-    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError))
+    """Errors that no retry can fix: a missing object or bucket, denied access, no credentials."""
+    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)) or _credentials_error(e)
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.1, max_delay: float = 5.0) -> T:
-    """Call fn(); on a transient error retry up to `retries` times with jittered exponential backoff."""
+def _user_error(e: Exception, what: str, attempts: int, endpoint: str | None) -> Exception:
+    """A one-sentence error a user can act on, for the failures that are theirs to fix."""
+    if _credentials_error(e):
+        return PermissionError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                               "(or AWS_PROFILE) in the environment (for the local server: `. runs/s3/env`)")
+    if type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or \
+            isinstance(e, ConnectionRefusedError):
+        return ConnectionError(f"{what}: cannot reach the storage endpoint {endpoint_url(endpoint) or '(AWS)'} after {attempts} "
+                               f"attempts ({type(e).__name__}); check AWS_ENDPOINT_URL / data.s3_endpoint and the network")
+    return e
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int = 5, endpoint: str | None = None,
+                 base_delay: float = 0.1, max_delay: float = 5.0) -> T:
+    """Call fn(); on a transient error retry up to `retries` times with jittered exponential backoff.
+    Missing credentials or an unreachable endpoint end as PermissionError / ConnectionError."""
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as e:
             if _fatal(e) or attempt == retries:
-                raise
+                err = _user_error(e, what, attempt + 1, endpoint)
+                if err is e:
+                    raise
+                raise err from e
             delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
             _count_retry()
             log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, e, attempt + 1, retries, delay)
@@ -94,10 +115,10 @@ class RetryingReader(io.RawIOBase):
     """A sequential reader over one object: ranged GETs of CHUNK bytes, each retried on failure,
     so a connection reset in the middle of a shard costs one retried request, not the shard."""
 
-    def __init__(self, fs, path: str, retries: int, chunk: int = CHUNK):
+    def __init__(self, fs, path: str, retries: int, endpoint: str | None = None, chunk: int = CHUNK):
         super().__init__()
-        self.fs, self.path, self.retries, self.chunk = fs, path, retries, chunk
-        self.size = with_retries(lambda: fs.size(path), f"HEAD s3://{path}", retries)
+        self.fs, self.path, self.retries, self.endpoint, self.chunk = fs, path, retries, endpoint, chunk
+        self.size = with_retries(lambda: fs.size(path), f"HEAD s3://{path}", retries, endpoint)
         self.pos = 0
 
     def readable(self) -> bool:
@@ -108,7 +129,8 @@ class RetryingReader(io.RawIOBase):
             return 0
         end = min(self.size, self.pos + min(len(b), self.chunk))
         start = self.pos
-        data = with_retries(lambda: self.fs.cat_file(self.path, start=start, end=end), f"GET s3://{self.path}", self.retries)
+        data = with_retries(lambda: self.fs.cat_file(self.path, start=start, end=end), f"GET s3://{self.path}",
+                            self.retries, self.endpoint)
         if len(data) != end - start:
             raise OSError(f"s3://{self.path}: expected {end - start} bytes at offset {start}, got {len(data)}")
         b[: len(data)] = data
@@ -120,7 +142,7 @@ def open_url(url: str, endpoint: str | None = None, retries: int = 5) -> io.Buff
     """Open a shard for sequential binary reading. s3:// goes through RetryingReader; a local
     path is opened directly; other fsspec URLs through fsspec. Missing: FileNotFoundError."""
     if url.startswith("s3://"):
-        return io.BufferedReader(RetryingReader(s3_filesystem(endpoint), url[len("s3://"):], retries), CHUNK)
+        return io.BufferedReader(RetryingReader(s3_filesystem(endpoint), url[len("s3://"):], retries, endpoint), CHUNK)
     if "://" not in url or url.startswith("file://"):
         return open(url[len("file://"):] if url.startswith("file://") else url, "rb", buffering=1 << 20)
     return fsspec.open(url, "rb").open()

@@ -64,10 +64,11 @@ def read_manifest(root: str, endpoint: str | None = None, retries: int = 5) -> d
     """The manifest of a shard root, checked. Missing: FileNotFoundError saying how to make one."""
     fs, path = filesystem(join(root, MANIFEST), endpoint)
     try:
-        text = with_retries(lambda: fs.cat_file(path), f"read {join(root, MANIFEST)}", retries)
-    except FileNotFoundError:
+        text = with_retries(lambda: fs.cat_file(path), f"read {join(root, MANIFEST)}", retries, endpoint)
+    except FileNotFoundError as e:
+        why = f" ({e})" if "bucket" in str(e).lower() else ""
         raise FileNotFoundError(
-            f"no {MANIFEST} under shard root {root}: build shards there with `linearsr shards build SRC {root}` "
+            f"no {MANIFEST} under shard root {root}{why}: build shards there with `linearsr shards build SRC {root}` "
             "(an interrupted build leaves no manifest)") from None
     try:
         manifest = json.loads(text)

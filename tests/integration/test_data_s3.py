@@ -135,3 +135,26 @@ def test_s3_up_and_down_manage_a_detached_server(tmp_path, capsys):
     assert s3local.main(["down", "--state", str(state)]) == 0
     assert s3local.running(state) is None and not (state / "server.pid").exists()
     assert s3local.main(["status", "--state", str(state)]) == 1
+
+
+def test_no_credentials_and_unreachable_endpoint_are_one_line_errors(s3_bucket, monkeypatch, capsys):
+    from linearsr.main import main
+
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
+    monkeypatch.setattr(s3, "_filesystems", {})  # fresh clients that resolve credentials again
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    before = s3.retry_count()
+    assert main(["shards", "info", f"{s3_bucket}/shards"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no AWS credentials found; set AWS_ACCESS_KEY_ID" in err and "\n" not in err
+    assert s3.retry_count() == before  # not worth retrying
+    monkeypatch.undo()
+
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
+    cfg = DataConfig(shards=f"{s3_bucket}/shards", s3_endpoint="http://127.0.0.1:9", retries=1)
+    with pytest.raises(ConnectionError, match=r"cannot reach the storage endpoint http://127.0.0.1:9 after 2 attempts"):
+        make_train_loader(cfg)
