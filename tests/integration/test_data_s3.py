@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
+import webdataset
 
 from linearsr.data import s3, s3local
 from linearsr.data.config import DataConfig
@@ -27,6 +27,9 @@ def test_build_and_read_back_through_s3_is_byte_identical(s3_bucket, make_images
             ext = "png" if "png" in s else "jpg"
             seen[s["__key__"]] = s[ext]
     assert seen == by_name  # every image, stored bytes identical to the source file
+    first = f"{root}/{manifest['splits']['train']['shards'][0]['path']}"
+    plain = list(webdataset.WebDataset(first, shardshuffle=False))  # the registered s3:// opener
+    assert [s["__key__"] for s in plain] == [s["__key__"] for s in iter_samples(root, "train")][:len(plain)] and plain
 
     cfg = DataConfig(shards=root, crop=32, val_crop=32, batch_size=2, num_workers=2, shuffle_buffer=4)
     loader = make_train_loader(cfg, seed=0)
