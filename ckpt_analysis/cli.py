@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from linearsr.ckpt_analysis.decision import Analysis
-from linearsr.ckpt_analysis.sidecar import Sidecar
+from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
 from linearsr.trainer.rundir import dumps
 
 
@@ -49,7 +49,7 @@ def _print_text(s: dict) -> None:
     print(f"run {s['run']}: {s['validations']} validations" + (f", last step {s['last_step']}" if s["last_step"] is not None else ""))
     d = s["decision"] or s["would_decide"]
     if d is None:
-        print(s["reason"] if s["reason"].startswith(("no ", "knee not")) else f"no decision yet: {s['reason']}")
+        print(f"no decision yet: {s['reason']}")
         return
     head = "decision" if s["decided"] else "decision due (the sidecar takes it on its next poll)"
     print(f"{head}: {d['checkpoint']} (step {d.get('checkpoint_step')})")
@@ -58,6 +58,8 @@ def _print_text(s: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.watch:
+        wait_for_run(args.run, args.pretrain_job, args.ray_address, args.poll or 5.0)
     sidecar = Sidecar(args.run, pretrain_job=args.pretrain_job, ray_address=args.ray_address, poll_seconds=args.poll)
     if args.watch:
         return sidecar.watch()

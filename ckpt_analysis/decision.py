@@ -90,7 +90,7 @@ def analyze(
         return Analysis(curve, smoothed, knee, div, decision, reason)
 
     if not curve:
-        return result(None, "no decision yet: metrics.jsonl has no validation yet")
+        return result(None, "metrics.jsonl has no validation yet")
     if div is None and not finished:
         if end < kc.min_validations:
             return result(None, f"no knee yet: {end} validations, need ≥ {kc.min_validations}")
@@ -110,7 +110,7 @@ def analyze(
     gone = sorted(s for s in curve.checkpoints if s not in usable and (div is None or s < div.step))
     if not usable:
         where = f" before divergence at step {div.step} ({div.detail})" if div else ""
-        return result(None, f"no decision possible yet: no usable checkpoint{where}"
+        return result(None, f"no usable checkpoint{where}"
                             + (f"; missing or incomplete on storage: steps {gone}" if gone else ""))
 
     notes = []

@@ -29,7 +29,7 @@ from linearsr.ckpt_analysis.report import write_decision_outputs
 from linearsr.ckpt_analysis.state import State
 from linearsr.cluster.jobs import Jobs
 from linearsr.model.flow import FULL_RANGE
-from linearsr.trainer.rundir import RunDir, read_json, read_json_or_none, write_json
+from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,24 @@ def load_run_config(run: RunDir) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{run.config} must hold a table of config sections")
     return config
+
+
+def wait_for_run(run_url: str, pretrain_job: str | None, ray_address: str | None, poll_seconds: float,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+    """Block until RUN/config.json exists (a sidecar may start before the trainer wrote it);
+    a FileNotFoundError if the pretrain job ends first."""
+    run = RunDir(run_url.rstrip("/"))
+    jobs = Jobs(ray_address) if pretrain_job else None
+    logged = False
+    while not exists(run.config):
+        info = jobs.info(pretrain_job) if jobs else None
+        if jobs and (info is None or info.terminal):
+            raise FileNotFoundError(f"{run.config} does not exist and the pretrain job {pretrain_job} has "
+                                    f"{'ended' if info else 'no record on the cluster'}; check its log (`ray job logs {pretrain_job}`)")
+        if not logged:
+            log.info("waiting for the pretrain run to write %s", run.config)
+            logged = True
+        sleep(poll_seconds)
 
 
 class Sidecar:
