@@ -46,6 +46,11 @@ test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpe
 
 # ---------------------------------------------------------------- model (foundation)
 
+TOKENS ?= 256,1024,4096,16384
+
+bench: setup  ## CPU attention benchmark: linear vs softmax, fwd+bwd vs tokens
+	$(BIN)/linearsr bench attention --tokens $(TOKENS)
+
 # ---------------------------------------------------------------- data
 
 DATA_DIR ?= $(RUNS)/data

