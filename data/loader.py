@@ -113,7 +113,9 @@ class ShardStream(IterableDataset):
                 yield {"_stats": stats.snapshot()}
                 continue
             buffer.append(item)
-            if len(buffer) <= cfg.shuffle_buffer:
+            # the buffer grows by one per emitted crop up to shuffle_buffer (as wds.shuffle does),
+            # so the first batch does not wait for a full buffer of decoded photos
+            if len(buffer) <= min(cfg.shuffle_buffer, cfg.batch_size + stats.samples):
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
