@@ -81,9 +81,8 @@ class Sidecar:
         self.sleep = sleep
         self._jobs = jobs
         self.state = State(self.run)
-        if pretrain_job and pretrain_job != self.state.data["pretrain_job"]:
+        if pretrain_job:  # saved with the next state change, once the cluster has answered
             self.state.data["pretrain_job"] = pretrain_job
-            self.state.save()
 
     @property
     def jobs(self) -> Jobs:

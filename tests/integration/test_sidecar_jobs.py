@@ -240,11 +240,13 @@ def test_failed_expert_is_retried_and_a_permanent_failure_names_its_interval(ray
 
 
 def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, fake_export):
+    """Also the optional full-range ESGF fine-tune first: the experts start from its best checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from linearsr.trainer.rundir import fs_for
 
-    run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000)
+    run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000,
+                            esgf={"experts": {"full_range_first": True}})
     # a partly written last line (object stores are rewritten whole, but a reader may race a writer)
     fs, path = fs_for(join(run, "metrics.jsonl"))
     fs.pipe_file(path, fs.cat_file(path) + b'{"step": 3100, "val_lo')
@@ -253,6 +255,12 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     d = read_json(join(run, "analysis", "decision.json"))
     assert d["method"] == "kneedle" and d["checkpoint"].startswith(run)
     assert fs.cat_file(fs_for(join(run, "analysis", "curve.png"))[1])[:4] == b"\x89PNG"
+    full = join(run, "experts", "full_-inf_inf")
+    assert read_json(join(full, "args.json"))["init"] == d["checkpoint"]
+    for i, key in enumerate(INTERVALS):  # each expert from the full-range run's best (step 20)
+        assert read_json(join(RunDir(run).expert(i, key).url, "args.json"))["init"] == join(full, "checkpoints", "checkpoint_000020")
+    state = read_json(join(run, "analysis", "state.json"))
+    assert state["jobs"]["esgf-full"]["status"] == "succeeded"
     manifest = read_json(join(run, "bundle", "manifest.json"))
     assert len(manifest["experts"]) == 4
     for e in manifest["experts"]:

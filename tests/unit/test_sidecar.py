@@ -117,3 +117,27 @@ def test_a_checkpoint_without_its_completeness_marker_is_never_chosen(tmp_path):
     d = Sidecar(run).analyze().decision
     assert d["checkpoint_step"] == first["checkpoint_step"] - 200
     assert f"missing or incomplete on storage: steps [{first['checkpoint_step']}]" in d["reason"]
+
+
+def test_unreachable_ray_cluster_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = make_run(tmp_path / "noray", 30)
+    dead = "http://127.0.0.1:9"
+    message = f"cannot reach the Ray cluster at {dead}: start one with `make ray-up` or set RAY_ADDRESS"
+    assert main(["analyze", run, "--watch", "--pretrain-job", "pre-1", "--ray-address", dead]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"linearsr analyze: error: {message}"
+    ckpt = os.path.join(run, "checkpoints", "checkpoint_000200")
+    assert main(["experts", run, "--from-checkpoint", ckpt, "--ray-address", dead]) == 1
+    assert capsys.readouterr().err.strip() == f"linearsr experts: error: {message}"
+    assert not os.path.exists(os.path.join(run, "analysis"))
+
+
+def test_no_cluster_given_says_how_to_get_one(tmp_path, monkeypatch):
+    from linearsr.cluster.jobs import resolve_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConnectionError, match=r"no Ray cluster given: start one with `make ray-up` or set RAY_ADDRESS"):
+        resolve_address(None, state_dir=str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
+    assert resolve_address(None, state_dir=str(tmp_path)) == "http://10.0.0.5:8265"
+    assert resolve_address("http://127.0.0.1:1234/", state_dir=str(tmp_path)) == "http://127.0.0.1:1234"
