@@ -15,7 +15,7 @@ import argparse
 
 from linearsr.ckpt_analysis.decision import manual_decision
 from linearsr.ckpt_analysis.experts import checkpoint_complete
-from linearsr.ckpt_analysis.sidecar import Sidecar
+from linearsr.ckpt_analysis.sidecar import Sidecar, absolute
 from linearsr.trainer.rundir import exists, write_json
 
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     sidecar = Sidecar(args.run, ray_address=args.ray_address, poll_seconds=args.poll)
     decision = sidecar.decision()
     if args.checkpoint:
-        ckpt = args.checkpoint.rstrip("/")
+        ckpt = absolute(args.checkpoint)
         if decision is not None and decision["checkpoint"].rstrip("/") != ckpt:
             raise ValueError(
                 f"{sidecar.run.decision} already chose {decision['checkpoint']}; remove it and "

@@ -16,6 +16,7 @@ Exit codes: 0 bundle written, 1 an expert failed for good or no decision is poss
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -29,9 +30,15 @@ from linearsr.ckpt_analysis.report import write_decision_outputs
 from linearsr.ckpt_analysis.state import State
 from linearsr.cluster.jobs import Jobs
 from linearsr.model.flow import FULL_RANGE
-from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
+from linearsr.trainer.rundir import RunDir, exists, is_local, local_path, read_json, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
+
+
+def absolute(url: str) -> str:
+    """A local run path made absolute (jobs run in another working directory); URLs unchanged."""
+    url = url.rstrip("/")
+    return os.path.abspath(local_path(url)) if is_local(url) else url
 
 
 def load_run_config(run: RunDir) -> dict:
@@ -48,7 +55,7 @@ def wait_for_run(run_url: str, pretrain_job: str | None, ray_address: str | None
                  sleep: Callable[[float], None] = time.sleep) -> None:
     """Block until RUN/config.json exists (a sidecar may start before the trainer wrote it);
     a FileNotFoundError if the pretrain job ends first."""
-    run = RunDir(run_url.rstrip("/"))
+    run = RunDir(absolute(run_url))
     jobs = Jobs(ray_address) if pretrain_job else None
     logged = False
     while not exists(run.config):
@@ -72,7 +79,7 @@ class Sidecar:
         jobs: Jobs | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.run = RunDir(run_url.rstrip("/"))
+        self.run = RunDir(absolute(run_url))
         self.config = load_run_config(self.run)
         self.cfg = esgf_from_config(self.config)
         self.intervals = expert_intervals(self.config, self.cfg)

@@ -141,3 +141,15 @@ def test_no_cluster_given_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:8265")
     assert resolve_address(None, state_dir=str(tmp_path)) == "http://10.0.0.5:8265"
     assert resolve_address("http://127.0.0.1:1234/", state_dir=str(tmp_path)) == "http://127.0.0.1:1234"
+
+
+def test_a_relative_run_dir_reaches_the_expert_jobs_as_an_absolute_path(tmp_path, monkeypatch):
+    from linearsr.ckpt_analysis.experts import entrypoint, expert_specs
+
+    monkeypatch.chdir(tmp_path)
+    make_run("rel", 3)
+    sidecar = Sidecar("rel")  # as `make sidecar RUN=runs/demo` passes it
+    spec = expert_specs(sidecar.run, sidecar.intervals, "rel/checkpoints/checkpoint_000200")[2]
+    cmd = entrypoint(spec, sidecar.run, sidecar.cfg)
+    assert f"--config {tmp_path}/rel/config.json --run {tmp_path}/rel/experts/2_0_3" in cmd
+    assert cmd.endswith("--t-interval=0,3") and cmd.startswith("linearsr train ")
