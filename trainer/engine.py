@@ -69,7 +69,10 @@ def init_distributed(use_gpu: bool) -> None:
     import deepspeed
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid ~40 s of g++ on CPU
+    if "__compatible_ops__" in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid ~40 s of g++ on CPU
+    else:  # no DeepSpeed op is used (torch AdamW, gloo/nccl): skip its compiler probes too
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 

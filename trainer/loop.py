@@ -356,10 +356,15 @@ class Trainer:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"config": TrainConfig.to_dict(), "run_url": RUN}."""
     cfg = configlib.from_dict(TrainConfig, config["config"])
+    t0 = time.perf_counter()
     trainer = Trainer(cfg, config["run_url"])
     try:
         trainer.build()
+        t1 = time.perf_counter()
         trainer.data()
+        if trainer.rank == 0:
+            log.info("ready at step %d in %.1f s (engine %.1f s, data %.1f s)", trainer.step,
+                     time.perf_counter() - t0, t1 - t0, time.perf_counter() - t1)
         trainer.run()
     finally:
         trainer.close()

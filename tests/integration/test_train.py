@@ -1,13 +1,12 @@
 """`linearsr train` end to end on CPU: a local Ray, 2 workers, DeepSpeed on gloo, real photos.
 
-The Ray runs are few and shared (each fit costs ~15-20 s of start-up here):
-  zero2      ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps)
-  finetune   --init zero2's last checkpoint --t-interval=0,3, then rerun with more steps (resume)
-  zero3_s3   ZeRO-3, run dir on the local S3 server, then `linearsr export` + load the bundle"""
+The trainings are few and shared (each fit costs ~15-20 s of start-up here) and run as Ray Jobs
+on the session's local head, submitted with `linearsr submit` (see the `runs` fixture)."""
 
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -46,43 +45,66 @@ def photo_shards(tmp_path_factory) -> str:
     return str(base / "shards")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
+class Runs:
+    """The module's trainings, submitted with `linearsr submit` as Ray Jobs to the session's local
+    head; independent ones run at the same time (as the sidecar runs its experts)."""
 
-    from linearsr.cluster.launch import connect
+    def __init__(self, address: str):
+        from linearsr.cluster.jobs import Jobs
 
-    connect()
-    yield
-    ray.shutdown()
+        self.address, self.jobs = address, Jobs(address)
+        self.tag = uuid.uuid4().hex[:6]
 
+    def submit(self, name: str, *args: str) -> str:
+        sid = f"test-train-{name}-{self.tag}"
+        assert main(["submit", "--address", self.address, "--submission-id", sid, "--config", CONFIG,
+                     *SMALL, *args]) == 0
+        return sid
 
-def train(*args: str) -> None:
-    assert main(["train", "--config", CONFIG, *SMALL, *args]) == 0
-
-
-@pytest.fixture(scope="module")
-def zero2(ray_session, photo_shards, tmp_path_factory) -> str:
-    run = str(tmp_path_factory.mktemp("zero2") / "run")
-    marker = str(tmp_path_factory.mktemp("faults") / "died")
-    train(f"data.shards={photo_shards}", "run.steps=60", "checkpoint.every=20", "validation.image_every=30",
-          "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={marker}", "--run", run)
-    assert os.path.exists(marker), "the injected worker failure did not happen"
-    return run
+    def wait(self, sid: str) -> None:
+        info = self.jobs.wait(sid, timeout=600)
+        assert info.status == "SUCCEEDED", f"{sid} {info.status}:\n{self.jobs.logs_tail(sid, 80)}"
 
 
 @pytest.fixture(scope="module")
-def finetune(zero2, photo_shards, tmp_path_factory) -> tuple[str, list[dict]]:
-    """A fine-tune of zero2 inside one interval: 20 steps, then rerun to 30 (resume from 20).
-    Returns (run, the records after the first 20 steps)."""
-    run = str(tmp_path_factory.mktemp("finetune") / "run")
-    init = ckpt.url_of(zero2, 60)
-    args = [f"data.shards={photo_shards}", "checkpoint.every=10", "validation.image_every=0", "--run", run,
-            "--init", init, "--t-interval=0,3"]
-    train("run.steps=20", *args)
-    first = rundir.read_metrics(run)
-    train("run.steps=30", *args)
-    return run, first
+def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
+    """zero2: ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps).
+    zero3_s3: ZeRO-3, run dir on the local S3 server (in parallel with zero2).
+    finetune: --init zero2's last checkpoint --t-interval=0,3 for 20 steps, then rerun to 30."""
+    tmp = tmp_path_factory.mktemp("train")
+    r = Runs(ray_cluster)
+    out = {"zero2": str(tmp / "zero2"), "zero3_s3": f"{s3_server.make_bucket('zero3')}/runs/zero3",
+           "finetune": str(tmp / "finetune"), "marker": str(tmp / "died")}
+    shards = f"data.shards={photo_shards}"
+    z2 = r.submit("zero2", shards, "run.steps=60", "checkpoint.every=20", "validation.image_every=30",
+                  "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={out['marker']}",
+                  "--run", out["zero2"])
+    z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=30",
+                  "validation.image_every=30", "--run", out["zero3_s3"])
+    r.wait(z2)
+    ft = [shards, "checkpoint.every=10", "validation.image_every=0", "--run", out["finetune"],
+          "--init", ckpt.url_of(out["zero2"], 60), "--t-interval=0,3"]
+    r.wait(r.submit("finetune", "run.steps=20", *ft))
+    out["finetune_first"] = rundir.read_metrics(out["finetune"])
+    r.wait(r.submit("finetune-more", "run.steps=30", *ft))
+    r.wait(z3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2(runs) -> str:
+    assert os.path.exists(runs["marker"]), "the injected worker failure did not happen"
+    return runs["zero2"]
+
+
+@pytest.fixture(scope="module")
+def finetune(runs) -> tuple[str, list[dict]]:
+    return runs["finetune"], runs["finetune_first"]
+
+
+@pytest.fixture(scope="module")
+def zero3_s3(runs) -> str:
+    return runs["zero3_s3"]
 
 
 def test_zero2_validation_loss_decreases(zero2):
@@ -159,14 +181,6 @@ def test_rerun_on_existing_run_dir_resumes(finetune):
     assert [r["step"] for r in records] == [10, 20, 30]
     assert records[:2] == first  # the curve up to the checkpoint is kept as it was
     assert records[2]["start_step"] == 20
-
-
-@pytest.fixture(scope="module")
-def zero3_s3(ray_session, photo_shards, s3_server) -> str:
-    run = f"{s3_server.make_bucket('zero3')}/runs/zero3"
-    train(f"data.shards={photo_shards}", "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=30",
-          "validation.image_every=30", "--run", run)
-    return run
 
 
 def test_zero3_on_s3_run_dir(zero3_s3):

@@ -1,0 +1,66 @@
+"""`linearsr submit`: run `linearsr train` as a Ray Job on a cluster.
+
+    linearsr submit --address http://HEAD:8265 --config configs/base_x4.toml --run s3://bucket/runs/x4
+
+The config is resolved here (file + overrides + flags, checked), written to RUN/config.json, and
+the job runs `linearsr train --config RUN/config.json --run RUN`: the cluster reads exactly what
+was checked, whatever its working directory. The job's runtime env carries this checkout as
+working_dir (minus .git, .venv, runs/) and the non-secret environment the trainer needs
+(S3 endpoint and region, Ray/DeepSpeed switches, plus `--env NAME`). Credentials are not
+forwarded unless named with --env, and values are never printed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import time
+
+from linearsr.cluster.cli_train import add_config_arguments, resolve
+from linearsr.trainer import rundir
+from linearsr.trainer.config import config_text
+
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
+EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"]
+_SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--address", help="the cluster's Jobs API URL (http://HEAD:8265); default RAY_ADDRESS, "
+                                          "then the head of `make ray-up`")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="also forward this environment variable to the job (its value is never printed)")
+    parser.add_argument("--submission-id", help="Ray submission id (default train-<run name>-<time>)")
+    parser.add_argument("--num-cpus", type=float, default=0.0, help="CPUs reserved for the job's driver (default 0)")
+
+
+def _absolute(url: str) -> str:
+    return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url
+
+
+def run(args: argparse.Namespace) -> int:
+    from linearsr.cluster.jobs import Jobs
+
+    cfg = resolve(args)  # no cluster.address: the job attaches to the cluster it runs on
+    run_url = _absolute(cfg.run_url)
+    cfg = cfg.replace(run={"url": run_url}, data={"shards": _absolute(cfg.data.shards)})
+    missing = [n for n in args.env if n not in os.environ]
+    if missing:
+        raise ValueError(f"--env {missing[0]} is not set in this environment")
+    jobs = Jobs(args.address)  # fails here, before anything is written, when the cluster is unreachable
+    config_url = rundir.join(run_url, "config.json")
+    rundir.write_text_atomic(config_url, config_text(cfg) + "\n")
+    env = {n: os.environ[n] for n in (*FORWARD_ENV, *args.env) if n in os.environ}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sid = args.submission_id or f"train-{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.run.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    entrypoint = shlex.join(["linearsr", "train", "--config", config_url, "--run", run_url])
+    jobs.submit(sid, entrypoint, num_cpus=args.num_cpus or None, env_vars=env,
+                runtime_env={"working_dir": root, "excludes": EXCLUDES})
+    shown = ", ".join(f"{n}=***" if _SECRET.search(n) else n for n in sorted(env)) or "none"
+    print(f"submitted Ray job {sid} to {jobs.address}: {entrypoint}")
+    print(f"  forwarded environment: {shown}")
+    print(f"  follow it with: ray job logs -f --address {jobs.address} {sid}")
+    return 0
