@@ -106,3 +106,20 @@ experts: setup  ## fine-tune RUN's per-log-SNR experts from CKPT=<checkpoint URL
 # ---------------------------------------------------------------- demo / eval
 
 # ---------------------------------------------------------------- GPU
+# The GPU machine (docs/gpu.md) has its own python3 with torch + triton and no network: these targets
+# use it when there is no .venv, and install nothing. `make gpu-wheels` runs HERE, before a GPU session.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+.PHONY: bench-gpu test-gpu gpu-check gpu-wheels
+
+bench-gpu:  ## GPU benchmark: attention backends vs HBM floor, 1-NFE latency, training MFU -> runs/bench/gpu.json
+	$(GPU_PY) -m linearsr bench gpu --out $(RUNS)/bench/gpu.json
+
+test-gpu:  ## tests/gpu: fused/fla/GLA against references, bf16 training steps (all skipped without CUDA)
+	$(GPU_PY) -m pytest tests/gpu -q -rs
+
+gpu-wheels: setup  ## fla-core wheel into .cache/wheels, to carry to the offline GPU machine
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: -d .cache/wheels fla-core==0.6.0
+
+gpu-check:  ## on the GPU machine: fla from .cache/wheels, then tests/gpu and the benchmark under time limits
+	bash scripts/gpu_check.sh

@@ -348,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU; use --device cpu --quick on a CPU machine")
+    if device.type != "cuda" and not args.quick:
+        raise ValueError("the full benchmark needs a GPU (base model, 256k tokens); on a CPU use --device cpu --quick")
     sizes = dataclasses.replace(QUICK if args.quick else FULL)
     if args.tokens:
         sizes.tokens = [int(n) for n in args.tokens.split(",")]
@@ -357,19 +359,22 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown section/backend {', '.join(unknown)}; sections: attention,model,train; backends: {','.join(BACKENDS)}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    start = time.perf_counter()
+    start, out = time.perf_counter(), Path(args.out)
     result: dict = {"env": environment(device, args.peak_tflops)}
     result["env"]["quick"] = args.quick
+    # the file is rewritten after each section, so a run cut short by a time limit keeps what it measured
     if "attention" in sections:
         result["attention"] = attention_rows(sizes, backends, device, dtype, result["env"]["hbm_gbps_measured"])
+        write_json(out, result)
     if "model" in sections:
         result["model"] = model_rows(sizes, backends, device)
         result["model_ratio"] = ratio_rows(result["model"], sizes)
+        write_json(out, result)
     if "train" in sections:
         result["train"] = train_rows(sizes, backends, device, result["env"]["peak_tflops_bf16"])
     result["targets"] = targets(result)
     result["env"]["bench_s"] = time.perf_counter() - start
-    write_json(Path(args.out), result)
+    write_json(out, result)
     print_table(result)
     print(f"\nwrote {args.out} ({result['env']['bench_s']:.0f} s on {result['env']['device']})")
     return 0

@@ -68,3 +68,5 @@ def test_bad_options_get_a_one_line_error(capsys, tmp_path):
     assert main(["bench", "gpu", "--device", "cpu", "--quick", "--sections", "speed", "--out", str(tmp_path / "x.json")]) == 1
     assert "unknown section/backend speed" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+    assert main(["bench", "gpu", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 1
+    assert "needs a GPU" in capsys.readouterr().err
