@@ -78,7 +78,7 @@ def _group(files: Iterator[dict]) -> Iterator[dict]:
 
 def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | None = None,
                endpoint: str | None = None, retries: int = 5) -> Iterator[dict]:
-    """Raw samples {"__key__", ext: bytes, ...} of one shard whose index lies in `window`
+    """Raw samples {"__key__", "__url__", ext: bytes, ...} of one shard whose index lies in `window`
     (default: all `expected`), accounting every sample of the window that does not arrive."""
     lo, hi = window or (0, expected)
     index = got = 0
@@ -97,6 +97,7 @@ def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | 
                     return
                 if index >= lo:
                     got += 1
+                    sample["__url__"] = url
                     yield sample
                 index += 1
     except (tarfile.TarError, EOFError) as e:
@@ -112,22 +113,23 @@ def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | 
 def decode(sample: dict, stats: Stats, max_tags: int = 8) -> tuple[np.ndarray, list[str]] | None:
     """(HR image [H, W, 3] uint8, tags) of a raw sample, or None (counted) when it is unusable."""
     key = sample["__key__"]
+    where = f"{key} in {sample['__url__']}" if "__url__" in sample else key
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        stats.skip("corrupt_sample", 1, key, f"no image in the sample (has {sorted(k for k in sample if k != '__key__')})")
+        stats.skip("corrupt_sample", 1, where, f"no image in the sample (has {sorted(k for k in sample if not k.startswith('__'))})")
         return None
     tags: list[str] = []
     if "json" in sample:
         try:
             tags = [str(t).strip().lower() for t in json.loads(sample["json"]).get("tags", [])][:max_tags]
         except (ValueError, AttributeError) as e:
-            stats.skip("corrupt_sample", 1, key, f"bad JSON metadata: {e}")
+            stats.skip("corrupt_sample", 1, where, f"bad JSON metadata: {e}")
             return None
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
             arr = np.asarray(img.convert("RGB"))
     except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
-        stats.skip("corrupt_image", 1, key, describe(e))
+        stats.skip("corrupt_image", 1, where, describe(e))
         return None
     stats.decoded += 1
     return arr, tags
@@ -135,7 +137,7 @@ def decode(sample: dict, stats: Stats, max_tags: int = 8) -> tuple[np.ndarray, l
 
 def iter_samples(root: str, split: str = "train", endpoint: str | None = None, retries: int = 5,
                  stats: Stats | None = None) -> Iterator[dict]:
-    """Every raw sample of one split in manifest order: {"__key__", "png"|"jpg": bytes, "json": bytes}.
+    """Every raw sample of one split in manifest order: {"__key__", "__url__", "png"|"jpg": bytes, "json": bytes}.
     For tools that want the stored bytes (the tagger, tests); training uses the loaders."""
     manifest = read_manifest(root, endpoint, retries)
     stats = stats or Stats()

@@ -147,7 +147,7 @@ def test_corrupt_image_is_skipped_counted_and_warned(shards_copy, caplog):
     _overwrite(path, image.offset_data, b"\0" * image.size)
     skips, got, total = _run_val_with_fault(shards_copy, caplog)
     assert skips == {"corrupt_image": 1} and got == total - 1
-    assert f"corrupt image: {image.name.split('.')[0]}" in caplog.text
+    assert f"corrupt image: {image.name.split('.')[0]} in {path}" in caplog.text
 
 
 def test_truncated_shard_is_skipped_counted_and_warned(shards_copy, caplog):
