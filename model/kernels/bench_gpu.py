@@ -7,8 +7,8 @@ Three sections, each row guarded (a failing row records its error and the others
   The floor is the compulsory traffic at the measured copy bandwidth: forward reads q, k, v and
   writes o (4 tensors); backward reads q, k, v, do and writes dq, dk, dv (7 more).
 - model: 1-NFE latency (`sample(..., steps=1)`, bf16 autocast) of the `base` model for 512^2,
-  1024^2 and 4096^2 outputs per attention backend (softmax only up to 1024^2), and the ratio of the
-  largest to the next size.
+  1024^2 and 4096^2 outputs for sdpa / torch / fused (`--model-backends`; softmax only up to 1024^2),
+  and the ratio of the largest to the next size.
 - train: a bf16-autocast AdamW step of `base` (batch 4, 512^2 HR crops): step time, samples/s, and
   MFU = matmul FLOPs (torch.utils.flop_counter, torch-attention model) / time / nominal bf16 peak.
 
@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench/gpu.json", help="JSON result file")
     parser.add_argument("--sections", default="attention,model,train", help="comma list of attention,model,train")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="attention backends to compare")
+    parser.add_argument("--model-backends", default="sdpa,torch,fused",
+                        help="attention backends of the model and train sections (fla adds minutes of autotuning)")
     parser.add_argument("--tokens", default="", help="comma list overriding the attention token counts")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for MFU (default: by GPU name)")
 
@@ -354,8 +356,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens:
         sizes.tokens = [int(n) for n in args.tokens.split(",")]
     sections = args.sections.split(",")
-    backends = args.backends.split(",")
-    unknown = sorted(set(sections) - {"attention", "model", "train"}) + sorted(set(backends) - set(BACKENDS))
+    backends, model_backends = args.backends.split(","), args.model_backends.split(",")
+    unknown = sorted(set(sections) - {"attention", "model", "train"}) + sorted(set(backends + model_backends) - set(BACKENDS))
     if unknown:
         raise ValueError(f"unknown section/backend {', '.join(unknown)}; sections: attention,model,train; backends: {','.join(BACKENDS)}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -367,11 +369,11 @@ def run(args: argparse.Namespace) -> int:
         result["attention"] = attention_rows(sizes, backends, device, dtype, result["env"]["hbm_gbps_measured"])
         write_json(out, result)
     if "model" in sections:
-        result["model"] = model_rows(sizes, backends, device)
+        result["model"] = model_rows(sizes, model_backends, device)
         result["model_ratio"] = ratio_rows(result["model"], sizes)
         write_json(out, result)
     if "train" in sections:
-        result["train"] = train_rows(sizes, backends, device, result["env"]["peak_tflops_bf16"])
+        result["train"] = train_rows(sizes, model_backends, device, result["env"]["peak_tflops_bf16"])
     result["targets"] = targets(result)
     result["env"]["bench_s"] = time.perf_counter() - start
     write_json(out, result)

@@ -61,7 +61,7 @@ def linear_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps:
     """q, k, v: [B, N, H, D] CUDA tensors (bf16/fp16/fp32) -> o: [B, N, H, D] in q's dtype."""
     from linearsr.model.kernels.fused import check_inputs
 
-    check_inputs(q, k, v, max_head_dim=256)
+    check_inputs(q, k, v, max_head_dim=256, backend="fla")
     causal = fla_causal_linear_attention()
     if not q.is_cuda:
         raise ValueError("attention backend 'fla' needs CUDA tensors (a GPU); use model.attention=torch on CPU")

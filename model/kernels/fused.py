@@ -46,7 +46,7 @@ def _kernels() -> ModuleType:
         raise ValueError(f"attention backend 'fused' needs triton ({e}): pip install 'linearsr[gpu]'") from e
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_head_dim: int = 128) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_head_dim: int = 128, backend: str = "fused") -> None:
     """ValueError unless q, k, v are equal-shaped [B, N, H, D] float tensors with N >= 1, D <= max."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -59,8 +59,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_head_dim
         raise ValueError("linear attention got a sequence of 0 tokens")
     if q.shape[-1] > max_head_dim:
         raise ValueError(
-            f"the fused kernel supports head dim <= {max_head_dim}, got {q.shape[-1]}; "
-            "use more heads or model.attention=torch/fla"
+            f"attention backend {backend!r} supports head dim <= {max_head_dim}, got {q.shape[-1]}; "
+            "use more heads or model.attention=torch"
         )
 
 

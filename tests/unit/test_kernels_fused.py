@@ -67,7 +67,7 @@ def test_bad_inputs_get_one_sentence_errors():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="one shape"):
         check_inputs(q, q, q[:, :4])
-    with pytest.raises(ValueError, match="head dim <= 128"):
+    with pytest.raises(ValueError, match="'fused' supports head dim <= 128"):
         check_inputs(*[torch.randn(1, 8, 1, 130)] * 3)
     with pytest.raises(ValueError, match="one dtype"):
         check_inputs(q, q, q.double())
