@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu_tiny.toml")
 PRETRAIN = [  # cpu_tiny on 32 px crops, one worker: ~0.1 s a step
-    "data.batch_size=4", "data.crop=32", "data.val_crop=32", "data.num_workers=1", "data.shuffle_buffer=8",
+    "data.batch_size=4", "data.crop=32", "data.val_crop=32", "data.num_workers=0", "data.shuffle_buffer=8",
     "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "validation.image_every=0",
     "flow.val_points_per_interval=2", "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
     "cluster.num_workers=1", "cluster.cpus_per_worker=0.5", "checkpoint.every=10", "run.steps=60",
