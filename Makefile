@@ -89,6 +89,22 @@ ray-up: setup  ## start a local Ray head (Jobs API on 127.0.0.1; PORT=8265 RAY_C
 ray-down: setup  ## stop the local Ray head that `make ray-up` started (its jobs first)
 	$(PY) -m linearsr.cluster.local down --state-dir $(RAY_DIR)
 
+RUN ?= $(RUNS)/demo
+TB_PORT ?= 6006
+.PHONY: pretrain pretrain-submit tensorboard bench-train
+
+pretrain: setup data  ## pretrain configs/cpu_tiny.toml on a local Ray into RUN (default runs/demo; ARGS="optim.lr=1e-3 ..."); rerun to resume
+	$(BIN)/linearsr train --config configs/cpu_tiny.toml --run $(RUN) $(ARGS)
+
+pretrain-submit: setup data  ## the same pretrain as a Ray Job on the `make ray-up` head (prints the job id for `make sidecar JOB=...`)
+	$(BIN)/linearsr submit --config configs/cpu_tiny.toml --run $(RUN) $(ARGS)
+
+tensorboard: setup  ## TensorBoard over runs/ on http://127.0.0.1:6006 (TB_PORT=...)
+	$(BIN)/tensorboard --logdir $(RUNS) --host 127.0.0.1 --port $(TB_PORT)
+
+bench-train: setup data  ## steps/s of Ray + DeepSpeed (2 workers) vs a plain torch loop on the same model, batch and data
+	$(BIN)/linearsr bench train $(ARGS)
+
 # ---------------------------------------------------------------- sidecar / experts
 
 RUN ?= $(RUNS)/demo

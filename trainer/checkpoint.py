@@ -15,6 +15,8 @@ the best validation loss so far."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import logging
 import math
 import os
@@ -24,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -264,7 +267,7 @@ def _ds_safe_globals() -> list:
 
 
 class _WeightsOnlyTorch:
-    """`torch` as seen by DeepSpeed's zero_to_fp32, except that `load` never unpickles code."""
+    """`torch` as DeepSpeed's checkpoint readers see it, except that `load` never unpickles code."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -275,19 +278,27 @@ class _WeightsOnlyTorch:
             return torch.load(f, map_location=map_location, mmap=bool(mmap), weights_only=True)
 
 
+@contextlib.contextmanager
+def weights_only_loads():
+    """While active, DeepSpeed reads checkpoint files with torch.load(weights_only=True): a
+    tampered checkpoint in storage cannot run code (its data classes are allow-listed)."""
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.utils import zero_to_fp32
+
+    safe = _WeightsOnlyTorch()
+    with mock.patch.object(zero_to_fp32, "torch", safe), mock.patch.object(torch_checkpoint_engine, "torch", safe):
+        yield
+
+
 def consolidate(local_dir: str) -> dict[str, torch.Tensor]:
     """One fp32 state dict of the LinearSR weights from a local checkpoint folder of any ZeRO stage
-    and world size (DeepSpeed's zero_to_fp32, reading every .pt with weights_only=True)."""
-    import contextlib
-    import io
-    from unittest import mock
-
+    and world size (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils import zero_to_fp32
 
     ds_dir = os.path.join(local_dir, TAG)
     if not os.path.isdir(ds_dir):
         raise FileNotFoundError(f"{local_dir} has no DeepSpeed shards ({TAG}/)")
-    with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), contextlib.redirect_stdout(io.StringIO()), \
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):  # its prints and progress bar
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=TAG)
     prefix = "model."

@@ -64,6 +64,8 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         _setup_logging(self.rank)
+        if not cfg.cluster.use_gpu:  # one thread per CPU Ray gave us: more threads spin against each other
+            torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
         init_distributed(cfg.cluster.use_gpu)
         self.device = ray.train.torch.get_device()
         self.interval = cfg.interval
@@ -126,7 +128,8 @@ class Trainer:
 
     def _load_resume(self, url: str) -> None:
         local = ckpt.download_dir(url, self._tmp("linearsr-resume-"))
-        path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
+        with ckpt.weights_only_loads():
+            path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
         if path is None:
             raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
         self.meta = rundir.read_json(os.path.join(local, ckpt.META))

@@ -69,7 +69,8 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     """zero2: ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps).
-    zero3_s3: ZeRO-3, run dir on the local S3 server (in parallel with zero2).
+    zero3_s3: ZeRO-3, run dir on the local S3 server (in parallel with zero2), worker 1 killed
+              while saving the step-20 checkpoint (checkpoints every 10 steps).
     finetune: --init zero2's last checkpoint --t-interval=0,3 for 20 steps, then rerun to 30."""
     tmp = tmp_path_factory.mktemp("train")
     r = Runs(ray_cluster)
@@ -79,8 +80,9 @@ def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     z2 = r.submit("zero2", shards, "run.steps=60", "checkpoint.every=20", "validation.image_every=30",
                   "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={out['marker']}",
                   "--run", out["zero2"])
-    z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=30",
-                  "validation.image_every=30", "--run", out["zero3_s3"])
+    z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=10",
+                  "validation.image_every=30", "faults.die_at_step=20", "faults.die_during_checkpoint=true",
+                  f"faults.die_once_marker={out['marker']}-z3", "--run", out["zero3_s3"])
     r.wait(z2)
     ft = [shards, "checkpoint.every=10", "validation.image_every=0", "--run", out["finetune"],
           "--init", ckpt.url_of(out["zero2"], 60), "--t-interval=0,3"]
@@ -88,6 +90,7 @@ def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     out["finetune_first"] = rundir.read_metrics(out["finetune"])
     r.wait(r.submit("finetune-more", "run.steps=30", *ft))
     r.wait(z3)
+    out["zero3_log"] = r.jobs.logs_tail(z3, 100000)
     return out
 
 
@@ -188,12 +191,21 @@ def test_zero3_on_s3_run_dir(zero3_s3):
     assert [r["step"] for r in records] == [10, 20, 30]
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     url = f"{zero3_s3}/checkpoints/checkpoint_000030"
-    assert records[-1]["checkpoint"] == url and ckpt.is_complete(url)
+    assert records[-1]["checkpoint"] == url
+    assert [(f.step, f.complete) for f in ckpt.list_checkpoints(zero3_s3)] == [(10, True), (20, True), (30, True)]
     meta = ckpt.read_meta(url)
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2
     assert rundir.read_json(f"{zero3_s3}/config.json")["deepspeed"]["zero_stage"] == 3
     fs, path = rundir.fs_for(f"{zero3_s3}/tb")
     assert any("tfevents" in p for p in fs.ls(path))
+
+
+def test_crash_while_saving_is_skipped_on_resume_with_a_reason(runs):
+    records = rundir.read_metrics(runs["zero3_s3"])
+    assert os.path.exists(runs["marker"] + "-z3"), "the injected failure during the save did not happen"
+    assert [r["start_step"] for r in records] == [0, 10, 10]  # step 20's save was partial: resumed from 10
+    log = runs["zero3_log"]
+    assert "skipping checkpoint" in log and "checkpoint_000020: no COMPLETE marker" in log
 
 
 def test_export_zero3_checkpoint_loads_as_bundle(zero3_s3, tmp_path):
