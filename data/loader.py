@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from linearsr.data import s3
 from linearsr.data.config import DataConfig
 from linearsr.data.degrade import degrade
 from linearsr.data.reader import Stats, decode, read_shard
@@ -69,8 +71,8 @@ class ShardStream(IterableDataset):
         self.cfg, self.shards, self.split = cfg, shards, split
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
-    def _read(self, url: str, expected: int, stats: Stats, window=None):
-        return read_shard(url, expected, stats, window, endpoint=self.cfg.s3_endpoint, retries=self.cfg.retries)
+    def _read(self, url: str, expected: int, stats: Stats, window=None, opener=None):
+        return read_shard(url, expected, stats, window, self.cfg.s3_endpoint, self.cfg.retries, opener)
 
     def __iter__(self):
         info = get_worker_info()
@@ -84,22 +86,35 @@ class ShardStream(IterableDataset):
 
     def _train_crops(self, stats: Stats, rng: random.Random, shards: list[tuple[str, int]]) -> Iterator:
         cfg, tried, reads = self.cfg, set(), 0
-        while True:
+        # the next shard is opened (and, on S3, starts downloading) while this one is decoded
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-open")
+        def open_next():
             url, expected = rng.choice(shards)
-            got = 0
-            for sample in self._read(url, expected, stats):
-                decoded = decode(sample, stats, cfg.max_tags)
-                if decoded is not None:
-                    got += 1
-                    for _ in range(cfg.crops_per_image):
-                        yield crop_array(decoded[0], cfg.crop, rng), decoded[1], sample["__key__"]
-            if not got:
-                yield None  # nothing usable in this shard: let the main process see the skips
-            tried.add(url)
-            reads += 1
-            if stats.decoded == 0 and len(tried) == len(shards) and reads >= 3 * len(shards):
-                raise DataQualityError(f"none of the {len(shards)} train shards of worker {stats.worker} (rank {self.rank}) "
-                                       f"under {cfg.shards} gave a readable sample; check the shards and the storage")
+            return url, expected, pool.submit(s3.open_url, url, cfg.s3_endpoint, cfg.retries)
+
+        nxt = open_next()
+        try:
+            while True:
+                (url, expected, future), nxt = nxt, open_next()
+                got = 0
+                for sample in self._read(url, expected, stats, opener=future.result):
+                    decoded = decode(sample, stats, cfg.max_tags)
+                    if decoded is not None:
+                        got += 1
+                        for _ in range(cfg.crops_per_image):
+                            yield crop_array(decoded[0], cfg.crop, rng), decoded[1], sample["__key__"]
+                if not got:
+                    yield None  # nothing usable in this shard: let the main process see the skips
+                tried.add(url)
+                reads += 1
+                if stats.decoded == 0 and len(tried) == len(shards) and reads >= 3 * len(shards):
+                    raise DataQualityError(f"none of the {len(shards)} train shards of worker {stats.worker} (rank "
+                                           f"{self.rank}) under {cfg.shards} gave a readable sample; check the shards and the storage")
+        finally:
+            future = nxt[2]
+            if not future.cancel() and future.exception() is None:
+                future.result().close()
+            pool.shutdown(wait=False)
 
     def _train(self, stats: Stats, wid: int, nw: int) -> Iterator[dict]:
         cfg = self.cfg

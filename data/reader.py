@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import tarfile
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -77,13 +77,15 @@ def _group(files: Iterator[dict]) -> Iterator[dict]:
 
 
 def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | None = None,
-               endpoint: str | None = None, retries: int = 5) -> Iterator[dict]:
+               endpoint: str | None = None, retries: int = 5,
+               opener: Callable[[], BinaryIO] | None = None) -> Iterator[dict]:
     """Raw samples {"__key__", "__url__", ext: bytes, ...} of one shard whose index lies in `window`
-    (default: all `expected`), accounting every sample of the window that does not arrive."""
+    (default: all `expected`), accounting every sample of the window that does not arrive.
+    `opener` (default: s3.open_url) lets a caller hand over a shard it opened ahead of time."""
     lo, hi = window or (0, expected)
     index = got = 0
     try:
-        stream = s3.open_url(url, endpoint=endpoint, retries=retries)
+        stream = opener() if opener else s3.open_url(url, endpoint=endpoint, retries=retries)
     except FileNotFoundError as e:
         stats.skip("missing_shard", hi - lo, url, str(e).splitlines()[0])
         return

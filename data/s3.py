@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -25,7 +26,7 @@ import webdataset
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHUNK = 8 << 20  # bytes per ranged GET while streaming a shard
+CHUNK = 4 << 20  # bytes per ranged GET while streaming a shard
 _lock = threading.Lock()
 _retries = 0
 _filesystems: dict = {}
@@ -138,11 +139,72 @@ class RetryingReader(io.RawIOBase):
         return len(data)
 
 
+class ReadAhead(io.RawIOBase):
+    """Reads `raw` in a background thread, up to `depth` chunks ahead, so downloading the rest of
+    a shard overlaps with decoding its first samples. Errors surface in the reader unchanged."""
+
+    def __init__(self, raw: io.RawIOBase, chunk: int, depth: int = 4):
+        super().__init__()
+        self.raw, self.chunk = raw, chunk
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.buf, self.eof = memoryview(b""), False
+        self.thread = threading.Thread(target=self._fill, name="shard-readahead", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            while not self.stop.is_set():
+                data = self.raw.read(self.chunk)
+                if not self._put(data or b"") or not data:
+                    return
+        except BaseException as e:  # handed to the reading thread
+            self._put(e)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self.buf:
+            if self.eof:
+                return 0
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                self.eof = True
+                raise item
+            if not item:
+                self.eof = True
+                return 0
+            self.buf = memoryview(item)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.stop.set()
+            self.thread.join(timeout=30)
+            self.raw.close()
+        super().close()
+
+
 def open_url(url: str, endpoint: str | None = None, retries: int = 5) -> io.BufferedIOBase:
-    """Open a shard for sequential binary reading. s3:// goes through RetryingReader; a local
-    path is opened directly; other fsspec URLs through fsspec. Missing: FileNotFoundError."""
+    """Open a shard for sequential binary reading. s3:// goes through RetryingReader with a
+    read-ahead thread; a local path is opened directly; other fsspec URLs through fsspec.
+    Missing: FileNotFoundError (raised here, not on the first read)."""
     if url.startswith("s3://"):
-        return io.BufferedReader(RetryingReader(s3_filesystem(endpoint), url[len("s3://"):], retries, endpoint), CHUNK)
+        raw = RetryingReader(s3_filesystem(endpoint), url[len("s3://"):], retries, endpoint)
+        return io.BufferedReader(ReadAhead(raw, CHUNK), 1 << 20)
     if "://" not in url or url.startswith("file://"):
         return open(url[len("file://"):] if url.startswith("file://") else url, "rb", buffering=1 << 20)
     return fsspec.open(url, "rb").open()
