@@ -161,3 +161,27 @@ def test_no_credentials_and_unreachable_endpoint_are_one_line_errors(s3_bucket, 
     cfg = DataConfig(shards=f"{s3_bucket}/shards", s3_endpoint="http://127.0.0.1:9", retries=1)
     with pytest.raises(ConnectionError, match=r"cannot reach the storage endpoint http://127.0.0.1:9 after 2 attempts"):
         make_train_loader(cfg)
+
+
+def test_read_ahead_hands_over_bytes_then_the_error_that_ended_the_download():
+    import io
+
+    class Flaky(io.RawIOBase):
+        def __init__(self):
+            self.sent = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if self.sent >= 3000:
+                raise OSError("connection reset after retries")
+            n = min(len(b), 1000)
+            b[:n] = bytes([self.sent // 1000 + 1]) * n
+            self.sent += n
+            return n
+
+    with io.BufferedReader(s3.ReadAhead(Flaky(), chunk=1000, depth=2), 512) as f:
+        assert f.read(2500) == b"\1" * 1000 + b"\2" * 1000 + b"\3" * 500
+        with pytest.raises(OSError, match="connection reset after retries"):
+            f.read()
