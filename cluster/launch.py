@@ -52,12 +52,8 @@ def _reachable(address: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def connect(address: str = "") -> str:
-    """Attach to `address` / RAY_ADDRESS, or start a local Ray. Returns what was used."""
-    import ray
-
-    if ray.is_initialized():
-        return "this process's Ray"
+def check_address(address: str) -> str:
+    """The Ray address to attach to ("" = start a local Ray); a one-line error when it cannot work."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
         raise ValueError(f"Ray address {address} is a Jobs API (dashboard) URL; submit with "
@@ -65,6 +61,16 @@ def connect(address: str = "") -> str:
     if address and address != "auto" and not address.startswith("ray://") and not _reachable(address):
         raise ConnectionError(f"cannot reach the Ray cluster at {address} (cluster.address / RAY_ADDRESS): start it "
                               "(`make ray-up`, `ray start --head`) or unset RAY_ADDRESS to train on a local Ray")
+    return address
+
+
+def connect(address: str = "") -> str:
+    """Attach to `address` / RAY_ADDRESS, or start a local Ray. Returns what was used."""
+    import ray
+
+    if ray.is_initialized():
+        return "this process's Ray"
+    address = check_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -119,6 +125,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     run_url = absolute_run_url(cfg.run_url)
     cfg = cfg.replace(run={"url": run_url})
+    check_address(cfg.cluster.address)  # before anything is written
     prepare_run_dir(cfg, run_url)
     where = connect(cfg.cluster.address)
     log.info("training %s on %s: %d workers x %g CPU%s, ZeRO-%d %s", run_url, where, cfg.cluster.num_workers,

@@ -199,6 +199,7 @@ class TrainConfig:
         if iv is not None:
             self.flow.sample_t(1, iv)  # raises when the interval has no probability mass
         check_url("data.shards", self.data.shards)
+        check_url("data.s3_endpoint", self.data.s3_endpoint or "")
 
     @property
     def run_url(self) -> str:

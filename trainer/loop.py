@@ -71,6 +71,9 @@ class Trainer:
         self.interval = cfg.interval
         self.step = 0
         self.samples = 0
+        from linearsr.data.s3 import retry_count
+
+        self.retry_base = retry_count()
         self.tmp_dirs: list[str] = []
 
     # ------------------------------------------------------------------ setup
@@ -254,7 +257,10 @@ class Trainer:
         t_range = torch.tensor([self.t_seen[0], -self.t_seen[1]], dtype=torch.float64)
         dist.all_reduce(t_range, op=dist.ReduceOp.MIN)
         val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
-        skips = _gather((self.train_loader.skips, self.train_loader.retries + retry_count()))
+        # S3 retries: this process's (checkpoint/TensorBoard I/O, and the loader when it has no worker
+        # processes) plus those of the loader's worker processes
+        retries = retry_count() - self.retry_base + (self.train_loader.retries if cfg.data.num_workers else 0)
+        skips = _gather((self.train_loader.skips, retries))
         data_skips: dict[str, int] = {}
         for s, _ in skips:
             for reason, n in s.items():
@@ -277,6 +283,7 @@ class Trainer:
             "t_max": -t_range[1].item(),
             "t_interval": self.interval.key if self.interval else None,
             "start_step": self.start_step,  # where this attempt began: 0, or the checkpoint it resumed
+            "skipped_steps": int(self.engine.skipped_steps),  # optimizer steps DeepSpeed dropped (non-finite grads)
         }
         images = self._images() if cfg.validation.image_every and self.step % cfg.validation.image_every == 0 else None
         if save:

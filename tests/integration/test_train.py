@@ -5,6 +5,7 @@ on the session's local head, submitted with `linearsr submit` (see the `runs` fi
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu_tiny.toml")
 SMALL = [  # cpu_tiny, smaller batches and validation so a step takes ~0.1 s
-    "data.batch_size=4", "data.crop=64", "data.val_crop=64", "data.num_workers=1", "data.shuffle_buffer=8",
+    "data.batch_size=4", "data.crop=64", "data.val_crop=64", "data.num_workers=0", "data.shuffle_buffer=8",
     "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "flow.val_points_per_interval=2",
     "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
 ]
@@ -71,7 +72,8 @@ def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     """zero2: ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps).
     zero3_s3: ZeRO-3, run dir on the local S3 server (in parallel with zero2), worker 1 killed
               while saving the step-20 checkpoint (checkpoints every 10 steps).
-    finetune: --init zero2's last checkpoint --t-interval=0,3 for 20 steps, then rerun to 30."""
+    finetune: --init zero2's last checkpoint --t-interval=0,3 for 20 steps, then rerun to 30
+              with a NaN loss injected from step 25 on."""
     tmp = tmp_path_factory.mktemp("train")
     r = Runs(ray_cluster)
     out = {"zero2": str(tmp / "zero2"), "zero3_s3": f"{s3_server.make_bucket('zero3')}/runs/zero3",
@@ -88,7 +90,7 @@ def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
           "--init", ckpt.url_of(out["zero2"], 60), "--t-interval=0,3"]
     r.wait(r.submit("finetune", "run.steps=20", *ft))
     out["finetune_first"] = rundir.read_metrics(out["finetune"])
-    r.wait(r.submit("finetune-more", "run.steps=30", *ft))
+    r.wait(r.submit("finetune-more", "run.steps=30", "faults.nan_at_step=25", *ft))
     r.wait(z3)
     out["zero3_log"] = r.jobs.logs_tail(z3, 100000)
     return out
@@ -165,8 +167,8 @@ def test_finetune_draws_t_only_inside_its_interval(finetune):
     records = rundir.read_metrics(run)
     for r in records:
         assert t_min <= r["t_min"] <= r["t_max"] <= t_max, (r["t_min"], r["t_max"], interval.t_range)
-        assert list(r["val_loss_by_interval"]) == ["0,3"] and r["val_loss"] == r["val_loss_by_interval"]["0,3"]
-        assert r["t_interval"] == "0,3"
+        assert list(r["val_loss_by_interval"]) == ["0,3"] and r["t_interval"] == "0,3"
+        assert r["val_loss"] == r["val_loss_by_interval"]["0,3"] or math.isnan(r["val_loss"])
     assert ckpt.read_meta(ckpt.url_of(run, 30))["t_interval"] == "0,3"
 
 
@@ -184,6 +186,17 @@ def test_rerun_on_existing_run_dir_resumes(finetune):
     assert [r["step"] for r in records] == [10, 20, 30]
     assert records[:2] == first  # the curve up to the checkpoint is kept as it was
     assert records[2]["start_step"] == 20
+
+
+def test_nan_loss_is_recorded_not_hidden(finetune):
+    run, _ = finetune
+    *before, last = rundir.read_metrics(run)
+    assert last["step"] == 30 and math.isnan(last["train_loss"])
+    # DeepSpeed drops an optimizer step whose gradients are not finite: the weights stay usable
+    assert last["skipped_steps"] == 6 and all(r["skipped_steps"] == 0 for r in before)  # steps 25..30
+    assert math.isfinite(last["val_loss"])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert '"train_loss": "nan"' in f.read().splitlines()[-1]
 
 
 def test_zero3_on_s3_run_dir(zero3_s3):
@@ -208,18 +221,24 @@ def test_crash_while_saving_is_skipped_on_resume_with_a_reason(runs):
     assert "skipping checkpoint" in log and "checkpoint_000020: no COMPLETE marker" in log
 
 
-def test_export_zero3_checkpoint_loads_as_bundle(zero3_s3, tmp_path):
-    import torch
+def test_export_zero3_checkpoint_loads_in_upscale(zero3_s3, tmp_path):
+    import numpy as np
+    from PIL import Image
 
-    from linearsr.model.bundle import load_bundle, read_expert_meta
-    from linearsr.model.sampler import sample
+    from linearsr.model.bundle import read_expert_meta, read_manifest
 
     url = f"{zero3_s3}/checkpoints/checkpoint_000030"
     out = tmp_path / "bundle"
     assert main(["export", url, str(out)]) == 0
     meta = read_expert_meta(out / "model.safetensors")
-    assert meta["step"] == 30 and meta["checkpoint"] == url
-    moe = load_bundle(out)
-    lr = torch.rand(1, 3, 16, 20)
-    image = sample(moe, lr, [[]], steps=2).image
-    assert image.shape == (1, 3, 64, 80) and torch.isfinite(image).all()
+    assert meta["step"] == 30 and meta["checkpoint"] == url and meta["interval"] == "-inf,inf"
+    assert read_manifest(out)["experts"][0]["interval"] == ["-inf", "inf"]
+    Image.fromarray((np.random.default_rng(0).random((16, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / "lr.png")
+    assert main(["upscale", "--bundle", str(out), "--out", str(tmp_path / "sr"), "--steps", "2", str(tmp_path / "lr.png")]) == 0
+    assert Image.open(tmp_path / "sr" / "lr.png").size == (80, 64)
+
+
+def test_run_dir_in_a_missing_bucket_is_one_line(s3_server, photo_shards, capsys):
+    code = main(["train", "--config", CONFIG, f"data.shards={photo_shards}", "--run", "s3://no-such-bucket-4a1/run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "s3://no-such-bucket-4a1/run" in err and "bucket" in err and len(err.splitlines()) == 1, err
