@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     base = backends[-1]
     rows = []
     for n in tokens:
-        row = {"tokens": n, **{f"{b}_ms": round(time_fwd_bwd(b, n, args), 3) for b in backends}}
+        row = {"tokens": n, **{f"{b}_ms": float(f"{time_fwd_bwd(b, n, args):.4g}") for b in backends}}
         for b in backends[:-1]:
-            row[f"{base}/{b}"] = round(row[f"{base}_ms"] / row[f"{b}_ms"], 2)
+            row[f"{base}/{b}"] = float(f"{row[f'{base}_ms'] / row[f'{b}_ms']:.3g}")
         rows.append(row)
         if not args.json:
             if len(rows) == 1:

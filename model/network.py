@@ -9,9 +9,12 @@ cross-attention (softmax over the null token + <= max_tags tags), Mix-FFN. No po
 embedding: the depthwise 3x3 conv carries position. Any H x W: reflect-padded to a multiple
 of f*p and cropped back by `decode`.
 
-Output preconditioning (EDM-style, for unit-variance x0 and eps):
-    v_hat = c_skip(t) x_t + c_out(t) F,   c_skip = (2t-1)/s,  c_out = c_in = 1/sqrt(s),  s = (1-t)^2 + t^2
-so with the zero-initialised head, v_hat(t=1) = x_1 and the 1-NFE estimate x_1 - v_hat is 0 (= bicubic)."""
+Preconditioning (EDM-style, for unit-variance x0 and eps), s = (1-t)^2 + t^2:
+    v_hat = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, cond, t),   c_skip = (2t-1)/s,  c_out = 1/sqrt(s)
+so with the zero-initialised head, v_hat(t=1) = x_1 and the 1-NFE estimate x_1 - v_hat is 0 (= bicubic).
+c_in = (1-t)/sqrt(s) rather than EDM's 1/sqrt(s): x_t carries no information about x0 at t = 1, and
+fading it out there keeps the noise from polluting the 1-step prediction, which then depends on
+the LR image alone (measured: +1.35 dB over bicubic after 300 steps instead of +0.17 dB)."""
 
 from __future__ import annotations
 
@@ -206,12 +209,15 @@ class LinearSR(nn.Module):
         p = self.cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"latent grid {h}x{w} is not a multiple of model.patch_size={p}; pad the image first")
-        s = ((1 - t) ** 2 + t**2).view(-1, 1, 1, 1).to(x_t.dtype)
-        c_skip, c_in = (2 * t.view(-1, 1, 1, 1).to(x_t.dtype) - 1) / s, s.rsqrt()
-        x = self.patch_embed(torch.cat([c_in * x_t, cond.to(x_t.dtype)], dim=1))
+        dtype = self.patch_embed.weight.dtype  # fp32 inputs also drive a bf16 model (DeepSpeed)
+        t = t.float()
+        s = ((1 - t) ** 2 + t**2).view(-1, 1, 1, 1)
+        c_skip, c_out = (2 * t.view(-1, 1, 1, 1) - 1) / s, s.rsqrt()
+        c_in = (1 - t).view(-1, 1, 1, 1) * c_out
+        x = self.patch_embed(torch.cat([c_in * x_t, cond.to(x_t.dtype)], dim=1).to(dtype))
         hw = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
-        t_emb = self.time_mlp(timestep_features(t, self.cfg.time_freq_dim).to(x.dtype))
+        t_emb = self.time_mlp(timestep_features(t, self.cfg.time_freq_dim).to(dtype))
         t_mod = self.t_block(t_emb).view(num_b, 6, -1)
         tag_tok, tag_mask = self.tag_embed(tags)
         for block in self.blocks:
@@ -220,7 +226,7 @@ class LinearSR(nn.Module):
         out = self.final(modulate(self.final_norm(x), shift, scale))  # [B, N, p*p*C]
         out = out.transpose(1, 2).reshape(num_b, -1, *hw)
         out = F.pixel_shuffle(out, p) if p > 1 else out
-        return c_skip * x_t + c_in * out
+        return (c_skip * x_t + c_out * out).to(x_t.dtype)
 
     def velocity(self, x_t, t, cond, tags, guidance: float = 1.0) -> torch.Tensor:
         """v_hat with classifier-free guidance: v_u + g (v_c - v_u); one pass when g == 1 or no tags.

@@ -102,3 +102,7 @@ def test_bf16_forward_is_finite():
     x = torch.randn(1, 48, 16, 16, dtype=torch.bfloat16)
     v = model(x, torch.tensor([0.5]), x, [["cat"]])
     assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    # fp32 images and times drive the bf16 model as a trainer would feed it
+    loss = model.train().loss(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8), [[], ["a"]], torch.tensor([0.2, 0.9]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
