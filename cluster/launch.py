@@ -40,6 +40,7 @@ class TrainResult:
 
 
 def absolute_run_url(url: str) -> str:
+    """A local path made absolute (workers have another cwd); other URLs as they are."""
     return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url.rstrip("/")
 
 
@@ -124,7 +125,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     from linearsr.trainer.loop import train_loop_per_worker
 
     run_url = absolute_run_url(cfg.run_url)
-    cfg = cfg.replace(run={"url": run_url})
+    # workers run in Ray's session folder: local paths must not depend on this process's cwd
+    cfg = cfg.replace(run={"url": run_url}, data={"shards": absolute_run_url(cfg.data.shards)},
+                      finetune={"init": cfg.finetune.init and absolute_run_url(cfg.finetune.init)},
+                      faults={"die_once_marker": cfg.faults.die_once_marker and os.path.abspath(cfg.faults.die_once_marker)})
     check_address(cfg.cluster.address)  # before anything is written
     prepare_run_dir(cfg, run_url)
     where = connect(cfg.cluster.address)

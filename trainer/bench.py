@@ -1,8 +1,10 @@
 """`linearsr bench train` (`make bench-train`): steps/s of the Ray Train + DeepSpeed path with N
 workers against a plain single-process torch loop on the same model, batch and data.
 
-The plain loop is what the model costs with no distribution at all: one process with as many
-torch threads as the workers have CPUs in total, torch AdamW, the same loader. The Ray path runs `linearsr train` for 2 x STEPS steps with a
+The plain loop is what the model costs with no distribution at all: one process with the
+threads of one Ray worker, the same per-process batch, torch AdamW, the same loader. So the
+steps/s ratio is the per-step cost of Ray + DeepSpeed (ZeRO partitioning, gradient all-reduce
+over gloo, the engine), ideally 1.0, and the samples/s ratio the gain of N workers, ideally N. The Ray path runs `linearsr train` for 2 x STEPS steps with a
 validation in the middle and reports the second half (steady state); its start-up cost (fit()
 to the first step: Ray actors, worker processes, DeepSpeed, loaders) is printed separately."""
 
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="experiment config (default configs/cpu_tiny.toml)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement (default 40)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the plain loop (default: the CPUs the Ray workers get in total)")
+                        help="torch threads of the plain loop (default: the CPUs of one Ray worker)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=4")
 
 
@@ -60,9 +62,12 @@ def plain_loop(cfg, steps: int) -> tuple[float, float]:
 
 def ray_deepspeed(cfg, steps: int) -> tuple[float, float, float]:
     """(steps/s, data-wait fraction, start-up seconds) of `linearsr train` on a temp run dir."""
-    from linearsr.cluster.launch import train
+    from linearsr.cluster.launch import connect, train
     from linearsr.trainer.rundir import read_metrics
 
+    t0 = time.time()
+    connect(cfg.cluster.address)
+    print(f"  (Ray ready in {time.time() - t0:.1f} s)")
     with tempfile.TemporaryDirectory(prefix="linearsr-bench-") as tmp:
         cfg = cfg.replace(run={"url": tmp, "steps": 2 * steps},
                           validation={"every": steps, "image_every": 0},
@@ -84,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     b, n = cfg.data.batch_size, cfg.cluster.num_workers
     print(f"linearsr bench train: model width {cfg.model.width} x depth {cfg.model.depth}, HR crop {cfg.data.crop}, "
           f"batch {b} per process, {args.steps} timed steps, {os.cpu_count()} CPU cores")
-    torch.set_num_threads(args.threads or max(1, int(n * cfg.cluster.cpus_per_worker)))
+    torch.set_num_threads(args.threads or max(1, int(cfg.cluster.cpus_per_worker)))
     plain, plain_wait = plain_loop(cfg, args.steps)
-    print(f"  plain torch, 1 process ({torch.get_num_threads()} threads): {plain:6.2f} steps/s "
+    threads = torch.get_num_threads()
+    print(f"  plain torch, 1 process ({threads} thread{'s' if threads > 1 else ''}): {plain:6.2f} steps/s "
           f"{plain * b:7.1f} samples/s  (data wait {plain_wait:.0%})")
     dist, dist_wait, startup = ray_deepspeed(cfg, args.steps)
     print(f"  Ray + DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {n} workers:  {dist:6.2f} steps/s "
