@@ -18,6 +18,7 @@ import shlex
 import time
 
 from linearsr.cluster.cli_train import add_config_arguments, resolve
+from linearsr.cluster.launch import absolute_paths
 from linearsr.trainer import rundir
 from linearsr.trainer.config import config_text
 
@@ -37,16 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=0.0, help="CPUs reserved for the job's driver (default 0)")
 
 
-def _absolute(url: str) -> str:
-    return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url
-
-
 def run(args: argparse.Namespace) -> int:
     from linearsr.cluster.jobs import Jobs
 
-    cfg = resolve(args)  # no cluster.address: the job attaches to the cluster it runs on
-    run_url = _absolute(cfg.run_url)
-    cfg = cfg.replace(run={"url": run_url}, data={"shards": _absolute(cfg.data.shards)})
+    cfg = absolute_paths(resolve(args))  # no cluster.address: the job attaches to the cluster it runs on
+    run_url = cfg.run_url
     missing = [n for n in args.env if n not in os.environ]
     if missing:
         raise ValueError(f"--env {missing[0]} is not set in this environment")

@@ -44,6 +44,13 @@ def absolute_run_url(url: str) -> str:
     return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url.rstrip("/")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths of the config made absolute: the workers run in Ray's session folder."""
+    return cfg.replace(run={"url": absolute_run_url(cfg.run_url)}, data={"shards": absolute_run_url(cfg.data.shards)},
+                       finetune={"init": cfg.finetune.init and absolute_run_url(cfg.finetune.init)},
+                       faults={"die_once_marker": cfg.faults.die_once_marker and os.path.abspath(cfg.faults.die_once_marker)})
+
+
 def _reachable(address: str, timeout: float = 3.0) -> bool:
     host, _, port = address.rpartition(":")
     try:
@@ -124,11 +131,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from linearsr.trainer.loop import train_loop_per_worker
 
-    run_url = absolute_run_url(cfg.run_url)
-    # workers run in Ray's session folder: local paths must not depend on this process's cwd
-    cfg = cfg.replace(run={"url": run_url}, data={"shards": absolute_run_url(cfg.data.shards)},
-                      finetune={"init": cfg.finetune.init and absolute_run_url(cfg.finetune.init)},
-                      faults={"die_once_marker": cfg.faults.die_once_marker and os.path.abspath(cfg.faults.die_once_marker)})
+    cfg = absolute_paths(cfg)
+    run_url = cfg.run_url
     check_address(cfg.cluster.address)  # before anything is written
     prepare_run_dir(cfg, run_url)
     where = connect(cfg.cluster.address)

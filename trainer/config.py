@@ -156,17 +156,16 @@ class FinetuneConfig:
 class FaultConfig:
     """Test-only fault injection; every field's default is inert."""
 
-    nan_at_step: int | None = None  # from this step on the training loss is NaN (divergence)
-    die_at_step: int | None = None  # worker `die_rank` exits abruptly at this step ...
+    nan_at_step: int = 0  # from this step on the training loss is NaN (divergence); 0 = never
+    die_at_step: int = 0  # worker `die_rank` exits abruptly at this step (0 = never) ...
     die_rank: int = 1
     die_once_marker: str = ""  # ... only if this file does not exist yet (it is created first)
     die_during_checkpoint: bool = False  # ... after saving its shards, before the checkpoint completes
 
     def __post_init__(self):
         for name in ("nan_at_step", "die_at_step"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"faults.{name} must be >= 1 or null, got {v}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"faults.{name} must be a step >= 1, or 0 (off), got {getattr(self, name)}")
         if self.die_rank < 0:
             raise ValueError(f"faults.die_rank must be >= 0, got {self.die_rank}")
 

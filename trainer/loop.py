@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,8 @@ log = logging.getLogger("linearsr.trainer")
 
 
 def _setup_logging(rank: int) -> None:
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 marks deprecated, once per step
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
     logger = logging.getLogger("linearsr")
     if not any(getattr(h, "_linearsr", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -193,7 +196,7 @@ class Trainer:
             self.t_seen[0] = min(self.t_seen[0], float(t.min()))
             self.t_seen[1] = max(self.t_seen[1], float(t.max()))
             loss = engine(hr, lr, batch["tags"], t.to(self.device)).mean()
-            if cfg.faults.nan_at_step is not None and self.step + 1 >= cfg.faults.nan_at_step:
+            if cfg.faults.nan_at_step and self.step + 1 >= cfg.faults.nan_at_step:
                 loss = loss * math.nan  # injected divergence: recorded, never hidden
             engine.backward(loss)
             engine.step()
@@ -206,7 +209,8 @@ class Trainer:
 
     def maybe_die(self, during_checkpoint: bool) -> None:
         f = self.cfg.faults
-        if f.die_at_step != self.step or f.die_during_checkpoint != during_checkpoint or f.die_rank != self.rank:
+        if not f.die_at_step or f.die_at_step != self.step or f.die_during_checkpoint != during_checkpoint \
+                or f.die_rank != self.rank:
             return
         if f.die_once_marker:
             if os.path.exists(f.die_once_marker):

@@ -83,7 +83,8 @@ def test_resolved_json_round_trips_and_keeps_esgf_opaque(tmp_path):
 
 def test_defaults_are_inert_and_missing_file_is_named(tmp_path):
     cfg = TrainConfig()
-    assert cfg.faults.nan_at_step is None and cfg.faults.die_at_step is None and cfg.finetune.init == ""
+    assert cfg.faults.nan_at_step == 0 and cfg.faults.die_at_step == 0 and cfg.finetune.init == ""
+    assert load_config(TINY, ["faults.nan_at_step=5", "faults.nan_at_step=0"]).faults.nan_at_step == 0  # reset
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(str(tmp_path / "nope.toml"))
     bad = tmp_path / "bad.json"

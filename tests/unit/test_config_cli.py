@@ -76,3 +76,17 @@ def test_submit_to_an_unreachable_cluster_writes_nothing(capsys, tmp_path, shard
                         f"data.shards={shards}", "--run", str(tmp_path / "run"))
     assert code == 1 and "cannot reach the Ray cluster at http://127.0.0.1:9" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_local_paths_are_made_absolute_for_the_workers(monkeypatch, tmp_path):
+    from linearsr.cluster.launch import absolute_paths
+    from linearsr.trainer.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(TINY, ["run.url=runs/x", "finetune.init=runs/y/checkpoints/checkpoint_000010",
+                                            "faults.die_once_marker=died"]))
+    assert cfg.run_url == str(tmp_path / "runs" / "x") and cfg.data.shards == str(tmp_path / "runs" / "data" / "shards")
+    assert cfg.finetune.init == str(tmp_path / "runs/y/checkpoints/checkpoint_000010")
+    assert cfg.faults.die_once_marker == str(tmp_path / "died")
+    remote = absolute_paths(load_config(TINY, ["run.url=s3://b/runs/x/", "data.shards=s3://b/shards"]))
+    assert (remote.run_url, remote.data.shards) == ("s3://b/runs/x", "s3://b/shards")
