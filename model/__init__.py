@@ -1,1 +1,16 @@
-"""LinearSR model."""
+"""LinearSR model: single-device code (no Ray, DeepSpeed or S3 here).
+
+config       ModelConfig and its presets (cpu_tiny, base)
+flow         t <-> log-SNR, intervals, bisection, training t, x_t and the velocity target
+attention    ReLU linear attention (torch reference; fla/fused CUDA kernels in kernels/) and sdpa
+autoencoder  the flow's space: pixel-unshuffle, or a local diffusers autoencoder
+tags         tag strings -> tokens (hashing vocabulary or offline MiniLM), CFG dropout
+network      LinearSR: the linear-attention DiT and its flow-matching loss
+sampler      Euler/Heun, the SNR mixture of experts (MoE) and its routing record
+bundle       safetensors experts + manifest.json bundles
+tagger       the small TAG tagger network (LR image -> tags)
+tiling       upscale_image: tiled inference with blended overlaps
+imageio      reading input images with per-file errors, writing PNGs
+upscale      the `linearsr upscale` command
+bench        the `linearsr bench attention` command
+"""
