@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -191,12 +192,17 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def rank_state(generator: torch.Generator, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"generator": _b64(generator.get_state()), "torch": _b64(torch.get_rng_state()), **extra}
+    """The random streams of one rank: its t generator, torch's (noise) and Python's (tag dropout)."""
+    version, internal, gauss = random.getstate()
+    return {"generator": _b64(generator.get_state()), "torch": _b64(torch.get_rng_state()),
+            "python": [version, list(internal), gauss], **extra}
 
 
 def restore_rank_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(_unb64(state["generator"]))
     torch.set_rng_state(_unb64(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 # --------------------------------------------------------------------------- retention

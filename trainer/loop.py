@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from linearsr.data.shards import stable_hash
+from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
 from linearsr.trainer import configlib, rundir
 from linearsr.trainer.config import TrainConfig, config_text
@@ -95,6 +97,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.gen = torch.Generator().manual_seed(stable_hash("t", cfg.run.seed, self.rank) >> 1)
         torch.manual_seed(stable_hash("torch", cfg.run.seed, self.rank) >> 1)
+        random.seed(stable_hash("python", cfg.run.seed, self.rank))
         self.meta = None
         if resume is not None:
             self._load_resume(resume)
@@ -191,8 +194,7 @@ class Trainer:
             batch, w = self._next_batch()
             wait += w
             hr, lr = batch["hr"].to(self.device), batch["lr"].to(self.device)
-            t = cfg.flow.sample_t(hr.shape[0], self.interval, generator=self.gen) if self.interval else \
-                cfg.flow.sample_t(hr.shape[0], generator=self.gen)
+            t = cfg.flow.sample_t(hr.shape[0], self.interval or FULL_RANGE, generator=self.gen)
             self.t_seen[0] = min(self.t_seen[0], float(t.min()))
             self.t_seen[1] = max(self.t_seen[1], float(t.max()))
             loss = engine(hr, lr, batch["tags"], t.to(self.device)).mean()

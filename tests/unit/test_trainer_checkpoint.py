@@ -76,12 +76,17 @@ def test_apply_retention_deletes_folders(tmp_path):
 
 
 def test_rank_state_round_trip_restores_the_random_streams():
+    import json
+    import random
+
     g = torch.Generator().manual_seed(123)
     torch.manual_seed(7)
-    state = ckpt.rank_state(g, {"step": 3})
-    expected = (torch.rand(4, generator=g), torch.rand(4))
+    random.seed(5)
+    state = json.loads(json.dumps(ckpt.rank_state(g, {"step": 3})))  # as stored in state_rank<R>.json
+    expected = (torch.rand(4, generator=g), torch.rand(4), random.random())
     g2 = torch.Generator().manual_seed(999)
     torch.manual_seed(0)
+    random.seed(0)
     ckpt.restore_rank_state(state, g2)
     assert torch.equal(torch.rand(4, generator=g2), expected[0]) and torch.equal(torch.rand(4), expected[1])
-    assert state["step"] == 3
+    assert random.random() == expected[2] and state["step"] == 3
