@@ -83,6 +83,8 @@ def as_moe(model_or_moe: LinearSR | MoE) -> MoE:
         return model_or_moe
     if isinstance(model_or_moe, LinearSR):
         return MoE([model_or_moe])
+    if isinstance(getattr(model_or_moe, "module", None), LinearSR):  # DDP / DeepSpeed engine
+        return MoE([model_or_moe.module])
     raise TypeError(f"sample() needs a LinearSR or a MoE, got {type(model_or_moe).__name__}")
 
 
@@ -112,7 +114,7 @@ def sample(
     tags = [[] for _ in range(lr.shape[0])] if tags is None else tags
     if len(tags) != lr.shape[0]:
         raise ValueError(f"got {len(tags)} tag lists for {lr.shape[0]} images")
-    was_training = moe.training
+    modes = {m: m.training for m in moe.modules()}
     moe.eval()
     moe.reset_route()
     cond = moe.encode_condition(lr)
@@ -133,5 +135,6 @@ def sample(
         else:
             x = x + dt * v
     image = moe.decode(x, lr, cond)
-    moe.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     return SampleResult(image=image, route=list(moe.route))

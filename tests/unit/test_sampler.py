@@ -57,12 +57,16 @@ def test_moe_matches_manual_routing():
 
 
 def test_single_model_is_k1_and_seeded():
-    model = tiny()
+    model = tiny().eval()
     lr = torch.rand(1, 3, 4, 4)
     r1, r2 = sample(model, lr, steps=3, seed=7), sample(MoE([model], [FULL_RANGE]), lr, steps=3, seed=7)
     torch.testing.assert_close(r1.image, r2.image)
     assert {i for *_, i in r1.route} == {0}
     assert not torch.equal(r1.image, sample(model, lr, steps=3, seed=8).image)
+    assert not model.training  # sampling leaves the caller's train/eval mode alone
+    model.train()
+    sample(model, lr)
+    assert model.training and all(m.training for m in model.modules())
 
 
 def test_bad_arguments():
