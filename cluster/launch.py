@@ -157,8 +157,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise RuntimeError(f"training of {run_url} failed after {cfg.cluster.max_failures} restart(s): "
-                           f"{_root_cause(e)}") from None
+        raise RuntimeError(f"training of {run_url} failed (cluster.max_failures={cfg.cluster.max_failures} restarts "
+                           f"allowed): {_root_cause(e)}") from None
     records = rundir.read_metrics(run_url)
     last = records[-1] if records else {}
     return TrainResult(run_url, int(last.get("step", 0)), last.get("val_loss"),
