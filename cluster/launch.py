@@ -172,17 +172,32 @@ def _last_checkpoint(records: list[dict]) -> str | None:
     return None
 
 
-def _root_cause(e: BaseException) -> str:
-    """The innermost error's one-line message (a worker's ValueError reads as what it says)."""
+_FALLOUT = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
+
+
+def _innermost(e: BaseException) -> BaseException:
     seen = set()
     while True:
-        nxt = (getattr(e, "worker_failures", None) or getattr(e, "controller_failure", None)
-               or getattr(e, "cause", None) or e.__cause__)
-        if isinstance(nxt, dict):
-            nxt = next(iter(nxt.values()), None)
+        nxt = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
         if nxt is None or id(nxt) in seen:
-            break
+            return e
         seen.add(id(nxt))
         e = nxt
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(e).__name__}: {text if len(text) <= 300 else text[:300] + ' ...'}"
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line: the failing worker's innermost error, preferring the rank that failed first over
+    the ranks whose collectives broke because of it (a worker's ValueError reads as what it says)."""
+    failures = getattr(e, "worker_failures", None)
+    if not failures:
+        return _one_line(_innermost(e))
+    causes = {rank: _innermost(err) for rank, err in sorted(failures.items())}
+    primary = [r for r, c in causes.items() if not any(m in str(c) for m in _FALLOUT)] or list(causes)
+    rank = primary[0]
+    return f"rank {rank}: {_one_line(causes[rank])}"
