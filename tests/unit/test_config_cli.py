@@ -90,3 +90,17 @@ def test_local_paths_are_made_absolute_for_the_workers(monkeypatch, tmp_path):
     assert cfg.faults.die_once_marker == str(tmp_path / "died")
     remote = absolute_paths(load_config(TINY, ["run.url=s3://b/runs/x/", "data.shards=s3://b/shards"]))
     assert (remote.run_url, remote.data.shards) == ("s3://b/runs/x", "s3://b/shards")
+
+
+def test_failed_training_names_the_rank_that_failed_first():
+    from linearsr.cluster.launch import _root_cause
+
+    class WorkerGroupError(Exception):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    broken_pipe = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:12493")
+    bad_data = ValueError("training data: 30 of 200 samples skipped (15% > data.max_skip_fraction=0.05)")
+    assert _root_cause(WorkerGroupError({0: broken_pipe, 1: bad_data})) == f"rank 1: ValueError: {bad_data}"
+    assert _root_cause(WorkerGroupError({0: broken_pipe})).startswith("rank 0: RuntimeError: [gloo")
