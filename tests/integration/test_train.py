@@ -133,6 +133,11 @@ def test_killed_worker_resumes_from_last_checkpoint(zero2):
     records = rundir.read_metrics(zero2)
     assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]  # no gap, no duplicate, no restart
     assert [r["start_step"] for r in records] == [0, 0, 20, 20, 20, 20]  # killed at 30, resumed from 20
+    # the schedule resumed too (a fresh one would warm up again): lr after s steps = lr * factor(s)
+    from linearsr.trainer.engine import lr_factor
+
+    assert [r["lr"] for r in records] == pytest.approx(
+        [2e-3 * lr_factor(r["step"], 60, 5, "cosine", 1e-4 / 2e-3) for r in records])
 
 
 def test_checkpoints_complete_and_named_in_metrics(zero2):
