@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.model.config import ModelConfig
 
     out = Path(args.out)
+    ckpt.require_complete(args.checkpoint)  # before anything is created
     if out.suffix == ".safetensors":
         weights = export_checkpoint(args.checkpoint, out.with_suffix(""), ema=args.ema)
         print(f"linearsr export: wrote {weights} (+ {weights.with_suffix('.json').name})")

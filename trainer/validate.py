@@ -10,7 +10,6 @@ a rank with fewer val batches repeats one with weight 0."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -86,5 +85,4 @@ def evaluate(engine, batches: list[ValBatch], flow: FlowConfig, finetune: Interv
         return by_interval[finetune.key], by_interval
     masses = [flow.mass(iv) for iv in intervals]
     total = sum(masses)
-    val = sum(m * by_interval[iv.key] for m, iv in zip(masses, intervals)) / total
-    return (val if not math.isnan(val) else math.nan), by_interval
+    return sum(m * by_interval[iv.key] for m, iv in zip(masses, intervals)) / total, by_interval
