@@ -35,10 +35,10 @@ weights: $(LPIPS_WEIGHTS)  ## LPIPS AlexNet weights, converted offline from the 
 $(LPIPS_WEIGHTS): | $(VENV)/.installed
 	$(PY) -m linearsr.trainer.quality $@
 
-test: setup weights  ## unit + integration tests on CPU (what CI runs)
+test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and LPIPS weights first)
 	$(PY) -m pytest tests -q
 
-test-unit: setup weights  ## fast unit tests only
+test-unit: setup weights data  ## fast unit tests only
 	$(PY) -m pytest tests/unit -q
 
 test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpeed on gloo)
