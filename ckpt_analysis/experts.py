@@ -6,12 +6,13 @@ Each job runs the trainer's fine-tune mode (the contract in docs/architecture.md
     linearsr train --config RUN/config.json --run RUN/experts/<i>_<lo>_<hi> --init CKPT \
         --t-interval=<lo>,<hi> [run.steps=N] [esgf.experts.overrides ...]
 
-under the deterministic submission id `<run-name>-expert-<i>-try-<n>` (the optional full-range
-ESGF fine-tune: `<run-name>-esgf-full-try-<n>`, run dir RUN/experts/full_-inf_inf).
+under the deterministic submission id `<run-name>-<decision token>-expert-<i>-try-<n>` (the optional
+full-range ESGF fine-tune: `<run-name>-<token>-esgf-full-try-<n>`, run dir RUN/experts/full_-inf_inf).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -57,8 +58,16 @@ def run_name(run: RunDir) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
-def submission_id(run: RunDir, key: str, attempt: int) -> str:
-    return f"{run_name(run)}-{key}-try-{attempt}"
+def decision_token(decision: dict) -> str:
+    """Six hex digits naming one decision: expert job ids carry it, so a run dir that was wiped
+    and run again on the same long-lived Ray head never adopts the old run's finished jobs,
+    while a restarted sidecar (same decision.json) finds its own jobs again."""
+    text = f"{decision.get('decided_at')}|{decision.get('checkpoint')}"
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
+
+
+def submission_id(run: RunDir, key: str, attempt: int, token: str = "") -> str:
+    return f"{run_name(run)}-{token + '-' if token else ''}{key}-try-{attempt}"
 
 
 def expert_specs(run: RunDir, intervals: list[Interval], init: str) -> list[JobSpec]:
@@ -83,8 +92,10 @@ class JobTracker:
     """Submits and follows a set of jobs until each has succeeded or used up its attempts.
     Every change is saved to state.json before the next Ray call."""
 
-    def __init__(self, jobs: Jobs, state: State, run: RunDir, cfg: ESGFConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, jobs: Jobs, state: State, run: RunDir, cfg: ESGFConfig, sleep: Callable[[float], None] = time.sleep,
+                 token: str = ""):
         self.jobs, self.state, self.rundir, self.cfg, self.sleep = jobs, state, run, cfg, sleep
+        self.token = token
         self.env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
 
     def add(self, spec: JobSpec) -> dict:
@@ -111,7 +122,7 @@ class JobTracker:
     def _submit(self, key: str, spec: JobSpec, attempt: dict | None = None) -> None:
         rec = self.state.jobs[key]
         if attempt is None:  # a new attempt: record the intent first
-            attempt = {"submission_id": submission_id(self.rundir, key, len(rec["attempts"]) + 1),
+            attempt = {"submission_id": submission_id(self.rundir, key, len(rec["attempts"]) + 1, self.token),
                        "status": "SUBMITTING", "submitted_at": time.time(),
                        "start_time": None, "end_time": None, "message": ""}
             rec["attempts"].append(attempt)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from linearsr.ckpt_analysis.config import esgf_from_config, expert_intervals
 from linearsr.ckpt_analysis.decision import Analysis, analyze
 from linearsr.ckpt_analysis.experts import (
-    JobTracker, assemble_bundle, best_checkpoint, checkpoint_complete, expert_specs, full_range_spec,
+    JobTracker, assemble_bundle, best_checkpoint, checkpoint_complete, decision_token, expert_specs, full_range_spec,
 )
 from linearsr.ckpt_analysis.knee import detect_divergence
 from linearsr.ckpt_analysis.report import write_decision_outputs
@@ -198,7 +198,7 @@ class Sidecar:
         if (self.state.data["bundle"] or {}).get("status") == "written" and not retry_failed:
             log.info("bundle already written: %s", self.state.data["bundle"]["path"])
             return 0
-        tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep)
+        tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep, token=decision_token(decision))
         init = decision["checkpoint"]
         if self.cfg.experts.full_range_first:
             spec = full_range_spec(self.run, init)

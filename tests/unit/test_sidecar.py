@@ -153,3 +153,17 @@ def test_a_relative_run_dir_reaches_the_expert_jobs_as_an_absolute_path(tmp_path
     cmd = entrypoint(spec, sidecar.run, sidecar.cfg)
     assert f"--config {tmp_path}/rel/config.json --run {tmp_path}/rel/experts/2_0_3" in cmd
     assert cmd.endswith("--t-interval=0,3") and cmd.startswith("linearsr train ")
+
+
+def test_expert_job_ids_name_the_decision():
+    """A wiped and rerun run dir (new decision) must not adopt the old run's finished jobs on a
+    long-lived Ray head; a restarted sidecar (same decision) must find its own jobs again."""
+    from linearsr.ckpt_analysis.experts import decision_token, submission_id
+    from linearsr.trainer.rundir import RunDir
+
+    d1 = {"decided_at": "2026-11-26T08:00:00Z", "checkpoint": "runs/demo/checkpoints/checkpoint_000100"}
+    d2 = {**d1, "decided_at": "2026-11-26T09:30:00Z"}
+    assert decision_token(d1) == decision_token(dict(d1))
+    assert decision_token(d1) != decision_token(d2)
+    run = RunDir("runs/demo")
+    assert submission_id(run, "expert-2", 1, decision_token(d1)) == f"demo-{decision_token(d1)}-expert-2-try-1"
