@@ -121,6 +121,16 @@ experts: setup  ## fine-tune RUN's per-log-SNR experts from CKPT=<checkpoint URL
 
 # ---------------------------------------------------------------- demo / eval
 
+STORE ?= local
+.PHONY: demo eval
+
+demo: setup weights data devset  ## the whole pipeline: shards -> pretrain + sidecar -> knee -> 4 experts -> bundle -> tagger -> eval report (STORE=s3: against a local S3 server)
+	$(BIN)/linearsr demo --run $(RUN) --store $(STORE) $(ARGS)
+
+BUNDLE ?= $(RUN)/bundle
+eval: setup weights devset  ## evaluate BUNDLE (default runs/demo/bundle) on the development photos -> $(RUN)/eval/report.md
+	$(BIN)/linearsr eval --bundle $(BUNDLE) --hr $(DATA_DIR)/devset --out $(RUN)/eval
+
 # ---------------------------------------------------------------- GPU
 # The GPU machine (docs/gpu.md) has its own python3 with torch + triton and no network: these targets
 # use it when there is no .venv, and install nothing. `make gpu-wheels` runs HERE, before a GPU session.

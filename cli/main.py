@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("linearsr.demo", "the whole pipeline on this machine: data, pretrain, knee, experts, tagger, eval"),
     "shards": ("linearsr.data.cli", "build WebDataset shards from an image folder (local or s3://)"),
     "train": ("linearsr.cluster.cli_train", "pretrain or fine-tune on a local or attached Ray cluster"),
     "submit": ("linearsr.cluster.cli_submit", "submit a training run as a Ray Job to a cluster"),
