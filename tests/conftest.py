@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# 2 cores shared by Ray workers, DataLoader workers and the test process: one torch thread each
+# (two threads per process on an oversubscribed machine made steps 10-40x slower)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import uuid  # noqa: E402
 
