@@ -68,7 +68,7 @@ def _s3_setup(shards: str, run_local: str) -> tuple[str, str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linearsr.ckpt_analysis.sidecar import Sidecar
+    from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
     from linearsr.cluster import local
     from linearsr.cluster.jobs import Jobs
     from linearsr.trainer.evaluate import evaluate
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                   f"\n  TensorBoard:  make tensorboard  (then http://127.0.0.1:6006)")
 
             _stage(4, total, "ESGF sidecar: knee decision, then 4 expert fine-tunes in parallel")
+            wait_for_run(run_url, job_id, cluster.jobs_address, poll_seconds=2)
             rc = Sidecar(run_url, pretrain_job=job_id, ray_address=cluster.jobs_address, poll_seconds=5).watch()
             if rc != 0:
                 print(f"the sidecar stopped without a bundle; see {run.state} and `ray job logs {job_id}`")
