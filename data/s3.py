@@ -56,7 +56,7 @@ def s3_filesystem(endpoint: str | None = None):
     if key not in _filesystems:
         fs = s3fs.S3FileSystem(
             endpoint_url=ep,
-            config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
+            config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
             skip_instance_cache=True,
         )
         fs.retries = 1  # s3fs's own retry loop (a class attribute): one attempt
@@ -80,8 +80,13 @@ def _fatal(e: BaseException) -> bool:
     return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)) or _credentials_error(e)
 
 
+class StorageError(OSError):
+    """A storage request that still failed after all its retries (names the request and the count)."""
+
+
 def _user_error(e: Exception, what: str, attempts: int, endpoint: str | None) -> Exception:
-    """A one-sentence error a user can act on, for the failures that are theirs to fix."""
+    """A one-sentence error a user can act on, for the failures that are theirs to fix; a transient
+    error that outlived its retries becomes a StorageError naming the request."""
     if _credentials_error(e):
         return PermissionError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE) in the environment (for the local server: `. runs/s3/env`)")
@@ -89,7 +94,11 @@ def _user_error(e: Exception, what: str, attempts: int, endpoint: str | None) ->
             isinstance(e, ConnectionRefusedError):
         return ConnectionError(f"{what}: cannot reach the storage endpoint {endpoint_url(endpoint) or '(AWS)'} after {attempts} "
                                f"attempts ({type(e).__name__}); check AWS_ENDPOINT_URL / data.s3_endpoint and the network")
-    return e
+    if _fatal(e):
+        return e
+    first = (str(e).strip().splitlines() or [""])[0]
+    return StorageError(f"{what} failed after {attempts} attempts ({type(e).__name__}: {first}); "
+                        "the storage kept failing or throttling (the retry warnings above name each attempt)")
 
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = 5, endpoint: str | None = None,
@@ -105,7 +114,7 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, endpoint: str
                 if err is e:
                     raise
                 raise err from e
-            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
+            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())  # 0.1 s ... 5 s
             _count_retry()
             log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, e, attempt + 1, retries, delay)
             time.sleep(delay)

@@ -71,8 +71,9 @@ def test_transient_errors_are_retried_with_backoff_and_counted(monkeypatch):
     with pytest.raises(FileNotFoundError):  # a missing object is not retried
         s3.with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("b/k")), "GET s3://b/k", retries=5)
     assert s3.retry_count() - before == 2
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(s3.StorageError, match=r"GET failed after 3 attempts \(ConnectionResetError: reset\)") as e:
         s3.with_retries(lambda: (_ for _ in ()).throw(ConnectionResetError("reset")), "GET", retries=2)
+    assert isinstance(e.value.__cause__, ConnectionResetError)
     assert s3.retry_count() - before == 4
 
 
