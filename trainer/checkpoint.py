@@ -246,8 +246,7 @@ def write_marker(ckpt_url: str, files: list[str]) -> None:
     missing = sorted(set(files) - present)
     if missing:
         raise OSError(f"checkpoint {ckpt_url} lacks {len(missing)} file(s) after upload, e.g. {missing[0]}")
-    _retry(lambda: rundir.write_json(rundir.join(ckpt_url, MARKER), {"files": sorted(files), "time": time.time()}),
-           f"write {MARKER} of {ckpt_url}")
+    rundir.write_json(rundir.join(ckpt_url, MARKER), {"files": sorted(files), "time": time.time()})  # retried inside
 
 
 def local_tempdir(prefix: str) -> str:

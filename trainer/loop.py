@@ -176,8 +176,9 @@ class Trainer:
         self.train_iter = iter(self.train_loader)
         filler = next(self.train_iter)
         self.pending = [filler]
-        self.val_batches = collect(make_val_loader(self.cfg.data, self.rank, self.world), self.model,
-                                   self.cfg.validation.max_batches, filler)
+        val_loader = make_val_loader(self.cfg.data, self.rank, self.world)
+        self.val_batches = collect(val_loader, self.model, self.cfg.validation.max_batches, filler)
+        self.val_retries = val_loader.retries  # made in its worker processes (which end here)
 
     # ------------------------------------------------------------------ training
 
@@ -263,9 +264,10 @@ class Trainer:
         t_range = torch.tensor([self.t_seen[0], -self.t_seen[1]], dtype=torch.float64)
         dist.all_reduce(t_range, op=dist.ReduceOp.MIN)
         val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
-        # S3 retries: this process's (checkpoint/TensorBoard I/O, and the loader when it has no worker
-        # processes) plus those of the loader's worker processes
-        retries = retry_count() - self.retry_base + (self.train_loader.retries if cfg.data.num_workers else 0)
+        # S3 retries: this process's (checkpoints, metrics, TensorBoard, and the loaders when they have no
+        # worker processes) plus those of the loaders' worker processes
+        workers = self.train_loader.retries + self.val_retries if cfg.data.num_workers else 0
+        retries = retry_count() - self.retry_base + workers
         skips = _gather((self.train_loader.skips, retries))
         data_skips: dict[str, int] = {}
         for s, _ in skips:

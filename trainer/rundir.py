@@ -60,9 +60,25 @@ def fs_for(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]
     return fs, path
 
 
+def _storage(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a remote URL; s3:// through linearsr.data.s3 (its own retry loop only)."""
+    from linearsr.data.s3 import filesystem
+
+    return filesystem(url)
+
+
+def _retried(fn, what: str):
+    """fn() retried on transient storage errors with backoff; retries counted (`storage_retries`)."""
+    from linearsr.data.s3 import with_retries
+
+    return with_retries(fn, what)
+
+
 def exists(url: str) -> bool:
-    fs, path = fs_for(url)
-    return fs.exists(path)
+    if is_local(url):
+        return os.path.exists(local_path(url))
+    fs, path = _storage(url)
+    return _retried(lambda: fs.exists(path), f"check {url}")
 
 
 # --------------------------------------------------------------------------- JSON with non-finite floats
@@ -107,19 +123,9 @@ def loads(text: str) -> Any:
 
 def write_text_atomic(url: str, text: str) -> None:
     """Write a whole file so that a reader sees the old or the new content, never a mix.
-    Local: temp file in the same folder + fsync + rename. Object stores: one PUT (atomic)."""
-    if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    fs, path = fs_for(url)
-    fs.pipe_file(path, text.encode("utf-8"))
+    Local: temp file in the same folder + fsync + rename. Object stores: one PUT (atomic),
+    retried on transient errors (a retried PUT writes the same bytes again)."""
+    write_bytes_atomic(url, text.encode("utf-8"))
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -133,8 +139,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    fs, path = fs_for(url)
-    fs.pipe_file(path, data)
+    fs, path = _storage(url)
+    _retried(lambda: fs.pipe_file(path, data), f"write {url}")
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -142,9 +148,11 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def read_text(url: str) -> str:
-    fs, path = fs_for(url)
-    with fs.open(path, "r", encoding="utf-8") as f:
-        return f.read()
+    if is_local(url):
+        with open(local_path(url), encoding="utf-8") as f:
+            return f.read()
+    fs, path = _storage(url)
+    return _retried(lambda: fs.cat_file(path), f"read {url}").decode("utf-8")
 
 
 def read_json(url: str) -> Any:
