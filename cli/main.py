@@ -35,11 +35,11 @@ def _usage() -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """linearsr's own loggers at INFO (DEBUG with `verbose`), other libraries' at WARNING: their
+    INFO lines ("Found credentials in environment variables.") would crowd a one-line error, and
+    botocore's DEBUG log prints every request's signed headers, the access key id among them."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("linearsr").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,14 @@
 
     linearsr submit --address http://HEAD:8265 --config configs/base_x4.toml --run s3://bucket/runs/x4
 
-The config is resolved here (file + overrides + flags, checked), written to RUN/config.json, and
+The config is resolved here (file + overrides + flags, checked; the shard root and --init
+checkpoint must be readable from here too), written to RUN/config.json, and
 the job runs `linearsr train --config RUN/config.json --run RUN`: the cluster reads exactly what
 was checked, whatever its working directory. The job's runtime env carries this checkout as
 working_dir (minus .git, .venv, runs/) and the non-secret environment the trainer needs
 (S3 endpoint and region, Ray/DeepSpeed switches, plus `--env NAME`). Credentials are not
-forwarded unless named with --env, and values are never printed."""
+forwarded unless named with --env, and values are never printed; forwarding one prints a
+warning, because Ray itself records a job's environment and logs it on the head."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import argparse
 import os
 import re
 import shlex
+import sys
 import time
 
 from linearsr.cluster.cli_train import add_config_arguments, resolve
-from linearsr.cluster.launch import absolute_paths
+from linearsr.cluster.launch import absolute_paths, prepare_run_dir
 from linearsr.trainer import rundir
-from linearsr.trainer.config import config_text
 
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
@@ -46,9 +48,14 @@ def run(args: argparse.Namespace) -> int:
     missing = [n for n in args.env if n not in os.environ]
     if missing:
         raise ValueError(f"--env {missing[0]} is not set in this environment")
+    secret = [n for n in args.env if _SECRET.search(n)]
+    if secret:
+        print(f"linearsr submit: warning: --env {', '.join(secret)}: Ray keeps a job's environment in its job record "
+              "(dashboard) and logs it on the head (runtime_env_agent.log); prefer credentials the cluster nodes "
+              "have themselves (instance role, AWS_PROFILE, or the environment `ray start` runs in)", file=sys.stderr)
     jobs = Jobs(args.address)  # fails here, before anything is written, when the cluster is unreachable
+    prepare_run_dir(cfg, run_url)  # shard root, --init and run dir checked here (not in the job); config.json written
     config_url = rundir.join(run_url, "config.json")
-    rundir.write_text_atomic(config_url, config_text(cfg) + "\n")
     env = {n: os.environ[n] for n in (*FORWARD_ENV, *args.env) if n in os.environ}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sid = args.submission_id or f"train-{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.run.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
