@@ -4,8 +4,17 @@ Point a client's endpoint at the proxy; it forwards to the real (local) S3 serve
 seeded random fraction of requests, instead:
   - "reset":  closes the connection without answering (a dropped TCP connection),
   - "slowdown": answers 503 SlowDown with S3's XML error body (what S3 says when throttling),
-  - "truncate": forwards the request but cuts the response body off halfway.
-Counts of forwarded requests and injected faults are kept per kind, for assertions."""
+  - "truncate": forwards the request but cuts the response body off halfway (counted only when
+    there was a body to cut: a HEAD answer or an empty body is forwarded whole).
+Counts of requests and injected faults are kept per kind, for assertions. `enabled = False`
+forwards everything untouched (requests are still counted). `fail_next(method, path, n)` fails
+the next n matching requests whatever the rates (an outage of one prefix). `access_key_ids`
+holds the access key ids the clients signed their requests with (proof of which credentials
+a process really used).
+
+Note: aiohttp (under s3fs) re-sends an idempotent request once, silently, when its connection is
+dropped before an answer (RFC 9112 9.3.1), so a "reset" reaches the client's own retry loop only
+when the re-sent request fails too; "slowdown" and "truncate" always do."""
 
 from __future__ import annotations
 
@@ -34,6 +43,8 @@ class FaultProxy:
         self.counts: Counter = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._rules: list[list] = []
+        self.access_key_ids: set[str] = set()  # the access key ids the clients signed with (never secrets)
         self.enabled = True
         proxy = self
 
@@ -44,9 +55,10 @@ class FaultProxy:
                 pass
 
             def _handle(self):
+                proxy._saw_credential(self.headers.get("Authorization", ""))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._pick(self.command)
+                fault = proxy._pick(self.command, self.path)
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.close_connection = True
@@ -67,14 +79,17 @@ class FaultProxy:
                 data = resp.read()
                 conn.close()
                 self.send_response(resp.status, resp.reason)
+                head = self.command == "HEAD"  # a HEAD answer has no body but the object's Content-Length
                 for k, v in resp.getheaders():
-                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    if k.lower() not in HOP_BY_HOP and (head or k.lower() != "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command == "HEAD":
+                if head:
                     return
                 if fault == "truncate" and len(data) > 1:
+                    proxy._count("truncate")
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
@@ -88,9 +103,22 @@ class FaultProxy:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def _pick(self, method: str) -> str | None:
+    def fail_next(self, method: str, path_contains: str, count: int, kind: str = "slowdown") -> None:
+        """Answer the next `count` requests of `method` whose path contains `path_contains` with
+        fault `kind` ("slowdown" or "reset"), whatever the random rates say (an outage of one prefix)."""
+        assert kind in ("slowdown", "reset"), kind
+        with self._lock:
+            self._rules.append([method, path_contains, count, kind])
+
+    def _pick(self, method: str, path: str = "") -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            for rule in self._rules:
+                if rule[2] > 0 and rule[0] == method and rule[1] in path:
+                    rule[2] -= 1
+                    self.counts[rule[3]] += 1
+                    self.counts["targeted"] += 1
+                    return rule[3]
             if not self.enabled or method not in self.methods:
                 return None
             u = self._rng.random()
@@ -98,9 +126,20 @@ class FaultProxy:
             for kind, rate in self.rates.items():
                 acc += rate
                 if u < acc:
-                    self.counts[kind] += 1
+                    if kind != "truncate":  # counted once a body was actually cut (a HEAD has none)
+                        self.counts[kind] += 1
                     return kind
             return None
+
+    def _saw_credential(self, authorization: str) -> None:
+        # SigV4: "AWS4-HMAC-SHA256 Credential=<access key id>/<date>/<region>/s3/aws4_request, ..."
+        if "Credential=" in authorization:
+            with self._lock:
+                self.access_key_ids.add(authorization.split("Credential=", 1)[1].split("/", 1)[0])
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] += 1
 
     @property
     def url(self) -> str:
