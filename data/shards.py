@@ -182,6 +182,9 @@ class _Destination:
     def put_file(self, tmp: str, rel: str) -> None:
         if self.local:
             os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+            umask = os.umask(0)  # mkstemp made it 0600: give it a plain file's permissions
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, self.path(rel))
         else:
             with_retries(lambda: self.fs.put_file(tmp, self.path(rel)), f"upload {join(self.root, rel)}")

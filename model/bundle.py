@@ -37,6 +37,15 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def publish(tmp: str, path: str | Path) -> None:
+    """Rename a finished temp file into place with the permissions a plain open() would have
+    given it (mkstemp makes files 0600, unreadable to the rest of a shared cluster)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +54,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(_json_safe(obj), f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -58,7 +67,7 @@ def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

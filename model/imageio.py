@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from linearsr.model.bundle import publish
+
 
 class ImageError(ValueError):
     """A per-file problem with an input image (the message names the file and the fix)."""
@@ -85,7 +87,7 @@ def save_png(path: str | Path, img: torch.Tensor) -> Path:
     os.close(fd)
     try:
         Image.fromarray(to_uint8(img), "RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -97,3 +97,23 @@ def test_bundle_errors(tmp_path):
     write_bundle(tmp_path, [{"interval": "-inf,inf", "weights": "a.safetensors"}], other)
     with pytest.raises(ValueError, match="heads: 4 -> 2"):
         load_bundle(tmp_path)
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """Bundles and upscaled images go to shared storage: not the 0600 of a temp file."""
+    import os
+    import stat
+
+    import torch
+
+    from linearsr.model.bundle import write_json_atomic
+    from linearsr.model.imageio import save_png
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+        save_png(tmp_path / "x.png", torch.zeros(3, 4, 4))
+    finally:
+        os.umask(old)
+    for name in ("m.json", "x.png"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
