@@ -237,5 +237,7 @@ class Sidecar:
             f"{(r['attempts'][-1]['message'] if r['attempts'] else '') or 'no message'}" for r in recs)
         self.state.data["bundle"] = {"status": "failed", "failed": [r["interval"] for r in recs], "error": f"{what}: {detail}"}
         self.state.event(f"no bundle written: {what}: {detail}", logging.ERROR)
+        self.state.event(f"after fixing the cause: `linearsr experts {self.run.url} --retry-failed` gives "
+                         f"{', '.join(r['name'] for r in recs)} another round (finished experts are kept)", logging.ERROR)
         self.state.save()
         return 1

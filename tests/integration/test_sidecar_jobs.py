@@ -228,6 +228,7 @@ def test_failed_expert_is_retried_and_a_permanent_failure_names_its_interval(ray
     assert state["bundle"]["status"] == "failed" and state["bundle"]["failed"] == ["0,3"]
     assert "interval 0,3" in state["bundle"]["error"]
     assert "no bundle written" in caplog.text and "interval 0,3" in caplog.text
+    assert f"`linearsr experts {run} --retry-failed` gives expert 2 [0, 3) another round" in caplog.text
     assert not exists(join(run, "bundle", "manifest.json"))
 
     # the operator fixes the cause and gives the failed expert another round
