@@ -223,7 +223,8 @@ def test_crash_while_saving_is_skipped_on_resume_with_a_reason(runs):
     assert os.path.exists(runs["marker"] + "-z3"), "the injected failure during the save did not happen"
     assert [r["start_step"] for r in records] == [0, 10, 10]  # step 20's save was partial: resumed from 10
     log = runs["zero3_log"]
-    assert "skipping checkpoint" in log and "checkpoint_000020: no COMPLETE marker" in log
+    assert "skipping checkpoint" in log and "checkpoint_000020: no COMPLETE marker, its save was interrupted" in log
+    assert f"resuming from {runs['zero3_s3']}/checkpoints/checkpoint_000010" in log  # and which one it took instead
 
 
 def test_export_zero3_checkpoint_loads_in_upscale(zero3_s3, tmp_path):
