@@ -81,7 +81,7 @@ def runs(ray_cluster, s3_server, tiny_shards):
             _submit(ray_cluster, out["sid_storage"], faults.url, out["storage"], shards, "run.steps=30",
                     "data.num_workers=1")
             _submit(ray_cluster, out["sid_diverge"], clean.url, out["diverge"], shards, "data.num_workers=0",
-                    "run.steps=400", f"faults.nan_at_step={NAN_FROM}", "esgf.poll_seconds=1")
+                    "run.steps=1000", f"faults.nan_at_step={NAN_FROM}", "esgf.poll_seconds=1")
             os.environ["AWS_ENDPOINT_URL"] = clean.url
             decided = []
             mp.setattr(Sidecar, "run_experts", lambda self, d, retry_failed=False: decided.append(d) or 0)
@@ -134,7 +134,7 @@ def test_training_through_faulty_storage_reaches_its_budget_with_only_complete_c
 
 def test_divergence_is_recorded_detected_and_stops_the_pretrain_before_any_later_checkpoint(runs, tmp_path):
     assert runs["sidecar_rc"] == 0, runs["log_diverge"][-3000:]
-    assert runs["info_diverge"].status == "STOPPED"  # stopped by the sidecar, far from its 400-step budget
+    assert runs["info_diverge"].status == "STOPPED"  # stopped by the sidecar, far from its 1000-step budget
     records = rundir.read_metrics(runs["diverge"])
     first_nan = next(r["step"] for r in records if math.isnan(r["train_loss"]))
     assert first_nan == 40  # the first validation after step 35
