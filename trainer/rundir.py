@@ -55,7 +55,14 @@ def join(url: str, *parts: str) -> str:
 
 
 def fs_for(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a URL and the path inside it."""
+    """The fsspec filesystem for a URL and the path inside it. For s3:// the endpoint in force
+    (AWS_ENDPOINT_URL) is part of the key of fsspec's instance cache, so a changed endpoint never
+    gets a client still pointing at the old one."""
+    if url.startswith("s3://") and "endpoint_url" not in storage_options:
+        from linearsr.data.s3 import endpoint_url
+
+        if endpoint_url():
+            storage_options["endpoint_url"] = endpoint_url()
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path
 
