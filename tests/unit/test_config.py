@@ -77,7 +77,8 @@ def test_resolved_json_round_trips_and_keeps_esgf_opaque(tmp_path):
     path.write_text(config_text(cfg))
     again = load_config(str(path))
     assert again == cfg
-    assert again.esgf == {"experts": {"steps": 40}} and again.interval.key == "-inf,-3"
+    assert again.esgf["experts"]["steps"] == 40 and again.esgf["poll_seconds"] == 5  # the preset's table, overridden
+    assert again.interval.key == "-inf,-3"
     assert json.loads(path.read_text())["finetune"]["t_interval"] == "-inf,-3"
 
 
