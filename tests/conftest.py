@@ -24,6 +24,18 @@ import uuid  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and small convs: one torch thread is faster than two, and much faster on a
+    busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A local S3 server (moto's server mode on 127.0.0.1, a free port), one per test session.

@@ -13,15 +13,6 @@ from linearsr.model.network import LinearSR
 from linearsr.model.sampler import sample
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model: one thread is faster than two, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def down(hr: torch.Tensor) -> torch.Tensor:
     """Antialiased bicubic x1/4, quantised to 8 bits (the usual SR benchmark degradation)."""
     lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)

@@ -20,15 +20,6 @@ def crops(img: torch.Tensor, n: int, x_lo: float, x_hi: float, gen) -> torch.Ten
     return F.interpolate(torch.stack(out), size=(24, 24), mode="bicubic", antialias=True).clamp(0, 1)
 
 
-@pytest.fixture
-def one_thread():
-    """Small convs: one thread is faster than two, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def photos():
     skd = pytest.importorskip("skimage.data")
