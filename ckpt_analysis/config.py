@@ -100,7 +100,8 @@ class ExpertsConfig:
     max_retries: extra attempts after a failed job. parallel: at most this many expert jobs at once
     (0 = all). full_range_first: one ESGF fine-tune over the full range first; the experts then
     start from its best checkpoint. command: the trainer command that the contract's arguments
-    (--config --run --init --t-interval=) follow."""
+    (--config --run --init --t-interval=) follow; `python -m linearsr` runs the package that the
+    sidecar ships with each job (cluster/jobs.py)."""
 
     depth: int | None = None
     steps: int = 0
@@ -109,7 +110,7 @@ class ExpertsConfig:
     max_retries: int = 1
     parallel: int = 0
     full_range_first: bool = False
-    command: str = "linearsr train"
+    command: str = "python -m linearsr train"
 
     def __post_init__(self):
         if self.depth is not None and not 0 <= self.depth <= 6:
@@ -126,7 +127,7 @@ class ExpertsConfig:
         if self.parallel < 0:
             raise ValueError(f"esgf.experts.parallel must be >= 0 (0 = all at once), got {self.parallel}")
         if not self.command.strip():
-            raise ValueError("esgf.experts.command must name the trainer command, e.g. 'linearsr train'")
+            raise ValueError("esgf.experts.command must name the trainer command, e.g. 'python -m linearsr train'")
 
 
 @dataclass(frozen=True)

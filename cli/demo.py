@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import time
 import uuid
 from pathlib import Path
@@ -70,7 +69,7 @@ def _s3_setup(shards: str, run_local: str) -> tuple[str, str, object]:
 def run(args: argparse.Namespace) -> int:
     from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
     from linearsr.cluster import local
-    from linearsr.cluster.jobs import Jobs
+    from linearsr.cluster.jobs import Jobs, command
     from linearsr.trainer.evaluate import evaluate
     from linearsr.trainer.export import export_checkpoint
     from linearsr.trainer.rundir import RunDir, exists, fs_for, read_json, read_json_or_none, write_json
@@ -106,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
             if job_id is None or jobs.info(job_id) is None:
                 job_id = f"demo-pretrain-{uuid.uuid4().hex[:8]}"
                 write_json(demo_state_path, {**demo_state, "pretrain_job": job_id, "run": run_url})
-            entry = shlex.join(["linearsr", "train", "--config", os.path.abspath(args.config), "--run", run_url,
-                                f"data.shards={shards}", *args.overrides])
+            entry = command("train", "--config", os.path.abspath(args.config), "--run", run_url,
+                            f"data.shards={shards}", *args.overrides)
             info = jobs.submit(job_id, entry, num_cpus=0)
             print(f"job {job_id} {info.status}\n  follow it:    ray job logs -f {job_id} --address {cluster.jobs_address}"
                   f"\n  TensorBoard:  make tensorboard  (then http://127.0.0.1:6006)")

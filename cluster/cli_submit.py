@@ -4,9 +4,10 @@
 
 The config is resolved here (file + overrides + flags, checked; the shard root and --init
 checkpoint must be readable from here too), written to RUN/config.json, and
-the job runs `linearsr train --config RUN/config.json --run RUN`: the cluster reads exactly what
-was checked, whatever its working directory. The job's runtime env carries this checkout as
-working_dir (minus .git, .venv, runs/) and the non-secret environment the trainer needs
+the job runs `python -m linearsr train --config RUN/config.json --run RUN`: the cluster reads exactly
+what was checked, whatever its working directory, with the code that checked it (the job carries
+this process's linearsr package, see cluster/jobs.py). Its runtime env also carries the
+non-secret environment the trainer needs
 (S3 endpoint and region, Ray/DeepSpeed switches, plus `--env NAME`). Credentials are not
 forwarded unless named with --env, and values are never printed; forwarding one prints a
 warning, because Ray itself records a job's environment and logs it on the head."""
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import sys
 import time
 
@@ -26,7 +26,6 @@ from linearsr.trainer import rundir
 
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
-EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"]
 _SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linearsr.cluster.jobs import Jobs
+    from linearsr.cluster.jobs import Jobs, command
 
     cfg = absolute_paths(resolve(args))  # no cluster.address: the job attaches to the cluster it runs on
     run_url = cfg.run_url
@@ -57,11 +56,9 @@ def run(args: argparse.Namespace) -> int:
     prepare_run_dir(cfg, run_url)  # shard root, --init and run dir checked here (not in the job); config.json written
     config_url = rundir.join(run_url, "config.json")
     env = {n: os.environ[n] for n in (*FORWARD_ENV, *args.env) if n in os.environ}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sid = args.submission_id or f"train-{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.run.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    entrypoint = shlex.join(["linearsr", "train", "--config", config_url, "--run", run_url])
-    jobs.submit(sid, entrypoint, num_cpus=args.num_cpus or None, env_vars=env,
-                runtime_env={"working_dir": root, "excludes": EXCLUDES})
+    entrypoint = command("train", "--config", config_url, "--run", run_url)
+    jobs.submit(sid, entrypoint, num_cpus=args.num_cpus or None, env_vars=env)
     shown = ", ".join(f"{n}=***" if _SECRET.search(n) else n for n in sorted(env)) or "none"
     print(f"submitted Ray job {sid} to {jobs.address}: {entrypoint}")
     print(f"  forwarded environment: {shown}")

@@ -8,12 +8,21 @@ RAY_ADDRESS override an explicit address; here the explicit one wins.)
 Submissions are idempotent: `submit(submission_id, ...)` with an id Ray already knows returns
 that job instead of starting a second one, so a caller that uses deterministic ids (the
 sidecar: `<run>-expert-<i>-try-<n>`) can never run a job twice after a restart.
+
+Every job carries the code of the `linearsr` package that submits it (Ray `py_modules`, put
+first on the job's PYTHONPATH, inherited by its Ray Train workers), and its entrypoint is
+`python -m linearsr ...` (`command()`): the cluster runs exactly the code that was checked
+and submitted, whatever version of LinearSR its nodes have installed, or none. The nodes
+need only the dependencies (`pip install 'linearsr[gpu]'` pins them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +54,39 @@ class JobInfo:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+PACKAGE = "linearsr"
+# The subpackages, each a folder of its own in a checkout (pyproject's package-dir); nested
+# ones (model.kernels) travel inside their parent's folder.
+SUBPACKAGES = ("model", "data", "trainer", "cluster", "ckpt_analysis")
+_SHIP_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.so")
+
+
+def command(*args: str) -> str:
+    """The shell command that runs `linearsr ARGS...` in a job, from the shipped package."""
+    return shlex.join(["python", "-m", PACKAGE, *args])
+
+
+def stage_package(dest: str) -> str:
+    """Copy the running `linearsr` package into DEST/linearsr, laid out as it imports
+    (an editable checkout's cli/, model/, data/, ... or an installed package's folder);
+    returns that folder, which Ray ships as a `py_modules` entry."""
+    import importlib
+
+    import linearsr
+
+    root = os.path.join(dest, PACKAGE)
+    os.makedirs(root)
+    top = list(linearsr.__path__)[0]
+    for name in os.listdir(top):  # the top package's own modules; subpackages follow
+        src = os.path.join(top, name)
+        if os.path.isfile(src) and not name.endswith((".pyc", ".pyo", ".so")):
+            shutil.copy2(src, root)
+    for sub in SUBPACKAGES:
+        src = list(importlib.import_module(f"{PACKAGE}.{sub}").__path__)[0]
+        shutil.copytree(src, os.path.join(root, sub), ignore=_SHIP_IGNORE)
+    return root
 
 
 def resolve_address(address: str | None = None, state_dir: str = local.DEFAULT_STATE_DIR) -> str:
@@ -136,10 +178,12 @@ class Jobs:
         env_vars: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         runtime_env: dict | None = None,
+        ship_code: bool = True,
     ) -> JobInfo:
         """Submit `entrypoint` (a shell command) under `submission_id`, or return the job that
         already has this id. A different command under the same id is an error: the id belongs
-        to another run."""
+        to another run. `ship_code`: the job imports this process's `linearsr` package (see the
+        module's docstring)."""
         existing = self.info(submission_id)
         if existing is not None:
             if existing.entrypoint != entrypoint:
@@ -152,7 +196,9 @@ class Jobs:
         runtime_env = dict(runtime_env or {})
         if env_vars:
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
-        with self._call():
+        with tempfile.TemporaryDirectory(prefix="linearsr-code-") as tmp, self._call():
+            if ship_code:  # uploaded by submit_job (once per content hash), so tmp may go after it
+                runtime_env["py_modules"] = [stage_package(tmp), *runtime_env.get("py_modules", [])]
             self._client.submit_job(
                 entrypoint=entrypoint,
                 submission_id=submission_id,

@@ -7,13 +7,12 @@ tiny pretrain (a Ray job: `linearsr train`, 1 DeepSpeed worker) watched by the s
 expert owning its log-SNR. About 2-3 minutes on 2 cores (5 DeepSpeed fits)."""
 
 import os
-import shlex
 import uuid
 
 import pytest
 from PIL import Image
 
-from linearsr.cluster.jobs import Jobs
+from linearsr.cluster.jobs import Jobs, command
 from linearsr.main import main
 from linearsr.model import upscale as upscale_mod
 from linearsr.model.bundle import read_manifest
@@ -39,8 +38,8 @@ def test_pretrain_knee_parallel_experts_bundle_upscale(ray_cluster, tiny_shards,
     run = str(tmp_path / f"e2e-{uuid.uuid4().hex[:6]}")
     jobs = Jobs(ray_cluster)
     pretrain = f"e2e-pretrain-{uuid.uuid4().hex[:6]}"
-    jobs.submit(pretrain, shlex.join(["linearsr", "train", "--config", os.path.abspath(CONFIG), *PRETRAIN,
-                                      f"data.shards={tiny_shards}", "--run", run]), num_cpus=0.5)
+    jobs.submit(pretrain, command("train", "--config", os.path.abspath(CONFIG), *PRETRAIN,
+                                  f"data.shards={tiny_shards}", "--run", run), num_cpus=0.5)
     # the sidecar starts beside the pretrain (before its run dir exists) and follows it
     rc = main(["analyze", run, "--watch", "--pretrain-job", pretrain, "--ray-address", ray_cluster, "--poll", "1"])
     assert rc == 0, jobs.logs_tail(pretrain, 40)

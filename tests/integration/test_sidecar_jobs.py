@@ -10,6 +10,7 @@ the real `linearsr train` lives in test_sidecar_e2e.py."""
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import uuid
 import pytest
 
 from linearsr.ckpt_analysis import experts as experts_mod
-from linearsr.cluster.jobs import Jobs
+from linearsr.cluster.jobs import Jobs, command
 from linearsr.main import main
 from linearsr.model.bundle import load_bundle, read_manifest, save_expert
 from linearsr.model.config import ModelConfig
@@ -29,6 +30,7 @@ from linearsr.trainer.rundir import MetricsWriter, RunDir, exists, join, read_js
 
 pytestmark = pytest.mark.integration
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERVALS = ["-inf,-3", "-3,0", "0,3", "3,inf"]
 
 FAKE_TRAINER = textwrap.dedent('''
@@ -130,6 +132,34 @@ def test_jobs_wrapper_submit_is_idempotent_and_errors_are_one_line(ray_cluster):
     assert jobs.info("no-such-job") is None
     with pytest.raises(ConnectionError, match=r"cannot reach the Ray cluster at http://127.0.0.1:9: start one with `make ray-up` or set RAY_ADDRESS"):
         Jobs("http://127.0.0.1:9")
+
+
+def test_a_job_and_its_ray_workers_run_the_submitters_code_not_the_installed_package(ray_cluster):
+    """Jobs ship the submitting linearsr package: `python -m linearsr` in the job and a Ray
+    worker it starts with a runtime env of its own (as Ray Train's workers have) both import
+    the shipped copy, not this checkout's editable install."""
+    jobs = Jobs(ray_cluster)
+    sid = f"ship-{uuid.uuid4().hex[:6]}"
+    probe = textwrap.dedent("""
+        import ray, linearsr
+        @ray.remote(num_cpus=0, runtime_env={"env_vars": {"LINEARSR_PROBE": "1"}})
+        def where():
+            import linearsr.model.network
+            return linearsr.model.network.__file__
+        ray.init()
+        print("DRIVER", linearsr.__file__)
+        print("WORKER", ray.get(where.remote()))
+    """)
+    jobs.submit(sid, f"{command('--help')} > /dev/null && python -c {shlex.quote(probe)}", num_cpus=0)
+    info = jobs.wait(sid, timeout=180, poll=0.5)
+    logs = jobs.logs_tail(sid, 50)
+    assert info.status == "SUCCEEDED", logs
+    paths = dict(line.split(" ", 1) for line in logs.splitlines() if line.startswith(("DRIVER ", "WORKER ")))
+    assert set(paths) == {"DRIVER", "WORKER"}, logs
+    for who, path in paths.items():
+        assert not path.startswith(REPO), f"the {who} imported the installed linearsr ({path})"
+    with open(paths["WORKER"]) as shipped, open(os.path.join(REPO, "model", "network.py")) as ours:
+        assert shipped.read() == ours.read()
 
 
 def test_divergence_stops_pretrain_then_experts_run_in_parallel_into_a_bundle(ray_cluster, tmp_path, fake_export, caplog):

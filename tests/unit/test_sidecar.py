@@ -152,7 +152,7 @@ def test_a_relative_run_dir_reaches_the_expert_jobs_as_an_absolute_path(tmp_path
     spec = expert_specs(sidecar.run, sidecar.intervals, "rel/checkpoints/checkpoint_000200")[2]
     cmd = entrypoint(spec, sidecar.run, sidecar.cfg)
     assert f"--config {tmp_path}/rel/config.json --run {tmp_path}/rel/experts/2_0_3" in cmd
-    assert cmd.endswith("--t-interval=0,3") and cmd.startswith("linearsr train ")
+    assert cmd.endswith("--t-interval=0,3") and cmd.startswith("python -m linearsr train ")
 
 
 def test_expert_job_ids_name_the_decision():
