@@ -30,6 +30,8 @@ from typing import Literal
 from linearsr.model.flow import FlowConfig, Interval, bisect
 from linearsr.trainer.configlib import from_dict
 
+STEPS_KEY = "run.steps"  # the trainer's step budget, set from esgf.experts.steps
+
 
 @dataclass(frozen=True)
 class KneeConfig:
@@ -129,6 +131,10 @@ class ExpertsConfig:
         if not self.command.strip():
             raise ValueError("esgf.experts.command must name the trainer command, e.g. 'python -m linearsr train'")
 
+    def trainer_overrides(self) -> list[str]:
+        """The dotted overrides every expert's `linearsr train` gets: the step budget, then `overrides`."""
+        return ([f"{STEPS_KEY}={self.steps}"] if self.steps else []) + list(self.overrides)
+
 
 @dataclass(frozen=True)
 class ESGFConfig:
@@ -156,6 +162,21 @@ def esgf_from_config(config: dict) -> ESGFConfig:
     if not isinstance(section, dict):
         raise ValueError(f"config key 'esgf' must be a table (section), got {section!r}")
     return from_dict(ESGFConfig, section, prefix="esgf")
+
+
+def check_config(config: dict) -> ESGFConfig:
+    """The [esgf] table of a resolved experiment config, checked when the run is launched or
+    submitted rather than hours later when the sidecar acts on it: its own keys and values, and
+    that the experts' overrides apply to the trainer's config."""
+    from linearsr.trainer import configlib
+    from linearsr.trainer.config import TrainConfig
+
+    esgf = esgf_from_config(config)
+    try:
+        configlib.from_dict(TrainConfig, configlib.apply_overrides(config, esgf.experts.trainer_overrides()))
+    except ValueError as e:
+        raise ValueError(f"esgf.experts.overrides: {e}") from None
+    return esgf
 
 
 def expert_intervals(config: dict, esgf: ESGFConfig) -> list[Interval]:

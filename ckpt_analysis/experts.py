@@ -33,7 +33,6 @@ from linearsr.trainer.rundir import RunDir, fs_for, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-STEPS_KEY = "run.steps"  # the trainer's step budget, set from esgf.experts.steps
 FULL_KEY = "esgf-full"
 MANIFEST = "manifest.json"
 # environment a job needs to reach the same storage; credentials are never forwarded
@@ -83,9 +82,7 @@ def full_range_spec(run: RunDir, init: str) -> JobSpec:
 def entrypoint(spec: JobSpec, run: RunDir, cfg: ESGFConfig) -> str:
     args = shlex.split(cfg.experts.command) + [
         "--config", run.config, "--run", spec.run_url, "--init", spec.init, f"--t-interval={spec.interval.key}"]
-    if cfg.experts.steps:
-        args.append(f"{STEPS_KEY}={cfg.experts.steps}")
-    return shlex.join(args + list(cfg.experts.overrides))
+    return shlex.join(args + cfg.experts.trainer_overrides())
 
 
 class JobTracker:

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace, address: str | None = None):
-    """The TrainConfig from the config file, overrides and flags (and a Ray address to attach to)."""
+    """The TrainConfig from the config file, overrides and flags (and a Ray address to attach to).
+    The sidecar's [esgf] table is checked here too, so a typo in it stops the launch."""
+    from linearsr.ckpt_analysis.config import check_config
     from linearsr.trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -46,6 +48,7 @@ def resolve(args: argparse.Namespace, address: str | None = None):
         cfg = cfg.replace(finetune=finetune)
     if address:
         cfg = cfg.replace(cluster={"address": address})
+    check_config(cfg.to_dict())
     return cfg
 
 

@@ -34,6 +34,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     (["checkpoint.every=7"], "checkpoint.every=7 must be a multiple of validation.every"),
     (["--t-interval=5,1"], "log-SNR interval needs lo < hi"),
     (["optim.lr"], "override 'optim.lr' is not KEY=VALUE"),
+    # the sidecar's table is checked at launch, not hours later when the knee is found
+    (["esgf.knee.windw=3"], "unknown config key 'esgf.knee.windw'"),
+    (["esgf.experts.overrides=['cluster.num_worker=1']"],
+     "esgf.experts.overrides: unknown config key 'cluster.num_worker'"),
+    (["esgf.experts.overrides=['optim.lr=-1']"], "esgf.experts.overrides: optim.lr must be > 0"),
 ])
 def test_bad_config_is_one_line_naming_the_key(capsys, tmp_path, args, message):
     code, err = run_cli(capsys, "train", "--config", TINY, *args, "--run", str(tmp_path / "run"))
