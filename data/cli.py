@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from linearsr.data.shards import build_shards, read_manifest
+from linearsr.data.shards import build_shards, read_manifest, verify_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="print a shard root's manifest summary")
     i.add_argument("root", help="shard root (folder or s3://bucket/prefix)")
+    v = sub.add_parser("verify", help="read every shard and check it against manifest.json (size, sha256, samples)")
+    v.add_argument("root", help="shard root (folder or s3://bucket/prefix)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        return _verify(args)
     if args.action == "build":
         m = build_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
                          max_side=args.max_side, tags=args.tags, seed=args.seed, overwrite=args.overwrite,
@@ -37,4 +42,16 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"splits": summary, "tags": len(m["tags"]), "skipped": [x["source"] for x in m["skipped"]]}))
     for x in m["skipped"]:
         print(f"skipped {x['source']}: {x['error']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    r = verify_shards(args.root, progress=not args.no_progress)
+    for p in r["problems"]:
+        print(f"{p['path']}: {p['problem']}")
+    if r["problems"]:
+        print(f"{len(r['problems'])} of {r['shards']} shards under {args.root} do not match manifest.json: rebuild with "
+              f"`linearsr shards build SRC {args.root} --overwrite` (or copy the damaged ones again)")
+        return 1
+    print(f"ok: {r['shards']} shards, {r['samples']} samples, {r['bytes']} bytes under {args.root} match manifest.json")
     return 0

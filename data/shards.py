@@ -348,3 +348,70 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
     log.info("wrote %d train + %d val samples in %d shards to %s (%d skipped)", splits["train"]["samples"],
              splits["val"]["samples"], len(listed), dest, len(skipped))
     return manifest
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+class _HashingReader:
+    """Passes reads through, hashing and counting the bytes (one streaming pass per shard)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_shard(url: str, entry: dict, endpoint: str | None) -> str | None:
+    """What is wrong with one shard, in a phrase, or None."""
+    from linearsr.data.s3 import open_url
+
+    try:
+        f = open_url(url, endpoint)
+    except FileNotFoundError:
+        return "missing"
+    with f:
+        r = _HashingReader(f)
+        exts: dict[str, set[str]] = {}
+        try:
+            with tarfile.open(fileobj=r, mode="r|") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    exts.setdefault(key, set()).add(ext)
+        except tarfile.TarError as e:
+            r.drain()
+            return f"not a readable tar ({e}); {r.size} bytes, the manifest says {entry['bytes']}"
+        r.drain()
+    if r.size != entry["bytes"]:
+        return f"{r.size} bytes, the manifest says {entry['bytes']} (cut short or replaced)"
+    if r.sha.hexdigest() != entry["sha256"]:
+        return "its sha256 differs from the manifest's (the bytes changed after the build)"
+    samples = sum(1 for e in exts.values() if "json" in e and e & {x.lstrip(".") for x in IMAGE_EXTENSIONS})
+    if samples != entry["samples"]:
+        return f"{samples} complete samples (image + json), the manifest says {entry['samples']}"
+    return None
+
+
+def verify_shards(root: str, endpoint: str | None = None, progress: bool = True) -> dict:
+    """Read every shard the manifest lists, end to end, and check it against the manifest: there,
+    the recorded size and sha256, and the recorded number of complete samples. Returns
+    {"shards", "samples", "bytes", "problems": [{"path", "problem"}]}; storage errors that outlive
+    their retries propagate (they say nothing about the shard)."""
+    manifest = read_manifest(root, endpoint)
+    entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    problems = []
+    for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
+        problem = _check_shard(join(root, entry["path"]), entry, endpoint)
+        if problem:
+            log.warning("%s: %s", entry["path"], problem)
+            problems.append({"path": entry["path"], "problem": problem})
+    return {"shards": len(entries), "samples": sum(s["samples"] for s in entries),
+            "bytes": sum(s["bytes"] for s in entries), "problems": problems}

@@ -98,3 +98,33 @@ def test_cli_builds_and_reports_errors_in_one_line(tmp_path, make_images, capsys
     assert main(["shards", "build", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main(["shards", "info", str(tmp_path / "out")]) == 0
+
+
+def test_verify_names_every_damaged_shard_and_how_to_fix_it(tmp_path, make_images, capsys):
+    make_images(tmp_path / "src", n=10)
+    root = tmp_path / "out"
+    build_shards(str(tmp_path / "src"), str(root), samples_per_shard=2, val_fraction=0.2, progress=False)
+    assert main(["shards", "verify", str(root), "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("ok: 5 shards, 10 samples")
+
+    shards = [s["path"] for split in ("train", "val") for s in read_manifest(str(root))["splits"][split]["shards"]]
+    (root / shards[0]).unlink()                                     # lost
+    data = (root / shards[1]).read_bytes()
+    (root / shards[1]).write_bytes(data[: len(data) // 2])          # cut short mid-sample
+    flipped = bytearray((root / shards[2]).read_bytes())
+    flipped[700] ^= 0xFF                                            # same size, changed bytes
+    (root / shards[2]).write_bytes(bytes(flipped))
+    assert main(["shards", "verify", str(root), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{shards[0]}: missing"
+    assert lines[1].startswith(f"{shards[1]}: ") and ("bytes" in lines[1] or "tar" in lines[1])
+    assert lines[2] == f"{shards[2]}: its sha256 differs from the manifest's (the bytes changed after the build)"
+    assert lines[3].startswith(f"3 of 5 shards under {root} do not match manifest.json") and "--overwrite" in lines[3]
+    assert len(lines) == 4  # the undamaged shards are not reported
+
+
+def test_verify_reads_shards_on_s3(tmp_path, make_images, s3_bucket, capsys):
+    make_images(tmp_path / "src", n=4)
+    build_shards(str(tmp_path / "src"), f"{s3_bucket}/shards", samples_per_shard=2, val_fraction=0.25, progress=False)
+    assert main(["shards", "verify", f"{s3_bucket}/shards", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
