@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "--version":
         from linearsr import __version__
+        from linearsr.codeid import code_id
 
-        print(__version__)
+        print(f"{__version__} (code {code_id()})")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

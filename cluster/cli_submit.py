@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from linearsr.cluster.jobs import Jobs, command
+    from linearsr.codeid import code_id
 
     cfg = absolute_paths(resolve(args))  # no cluster.address: the job attaches to the cluster it runs on
     run_url = cfg.run_url
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     jobs.submit(sid, entrypoint, num_cpus=args.num_cpus or None, env_vars=env)
     shown = ", ".join(f"{n}=***" if _SECRET.search(n) else n for n in sorted(env)) or "none"
     print(f"submitted Ray job {sid} to {jobs.address}: {entrypoint}")
+    print(f"  code: linearsr {code_id()} (shipped with the job; its log and TensorBoard show the same id)")
     print(f"  forwarded environment: {shown}")
     print(f"  follow it with: ray job logs -f --address {jobs.address} {sid}")
     return 0

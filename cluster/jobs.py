@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import requests
 
 from linearsr.cluster import local
+from linearsr.codeid import PACKAGE, code_id, package_files
 
 log = logging.getLogger(__name__)
 
@@ -56,36 +57,18 @@ class JobInfo:
         return self.status in TERMINAL
 
 
-PACKAGE = "linearsr"
-# The subpackages, each a folder of its own in a checkout (pyproject's package-dir); nested
-# ones (model.kernels) travel inside their parent's folder.
-SUBPACKAGES = ("model", "data", "trainer", "cluster", "ckpt_analysis")
-_SHIP_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.so")
-
-
 def command(*args: str) -> str:
     """The shell command that runs `linearsr ARGS...` in a job, from the shipped package."""
     return shlex.join(["python", "-m", PACKAGE, *args])
 
 
 def stage_package(dest: str) -> str:
-    """Copy the running `linearsr` package into DEST/linearsr, laid out as it imports
-    (an editable checkout's cli/, model/, data/, ... or an installed package's folder);
-    returns that folder, which Ray ships as a `py_modules` entry."""
-    import importlib
-
-    import linearsr
-
+    """Copy the running `linearsr` package (`codeid.package_files()`) into DEST/linearsr, laid
+    out as it imports; returns that folder, which Ray ships as a `py_modules` entry."""
     root = os.path.join(dest, PACKAGE)
-    os.makedirs(root)
-    top = list(linearsr.__path__)[0]
-    for name in os.listdir(top):  # the top package's own modules; subpackages follow
-        src = os.path.join(top, name)
-        if os.path.isfile(src) and not name.endswith((".pyc", ".pyo", ".so")):
-            shutil.copy2(src, root)
-    for sub in SUBPACKAGES:
-        src = list(importlib.import_module(f"{PACKAGE}.{sub}").__path__)[0]
-        shutil.copytree(src, os.path.join(root, sub), ignore=_SHIP_IGNORE)
+    for rel, src in package_files():
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(root, rel))
     return root
 
 
@@ -199,6 +182,7 @@ class Jobs:
         with tempfile.TemporaryDirectory(prefix="linearsr-code-") as tmp, self._call():
             if ship_code:  # uploaded by submit_job (once per content hash), so tmp may go after it
                 runtime_env["py_modules"] = [stage_package(tmp), *runtime_env.get("py_modules", [])]
+                metadata = {**(metadata or {}), "linearsr_code": code_id()}
             self._client.submit_job(
                 entrypoint=entrypoint,
                 submission_id=submission_id,
@@ -206,7 +190,7 @@ class Jobs:
                 runtime_env=runtime_env or None,
                 metadata=metadata,
             )
-        log.info("submitted job %s: %s", submission_id, entrypoint)
+        log.info("submitted job %s: %s%s", submission_id, entrypoint, f" (linearsr code {code_id()})" if ship_code else "")
         info = self.info(submission_id)
         assert info is not None, submission_id
         return info

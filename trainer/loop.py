@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from linearsr.codeid import code_id
 from linearsr.data.shards import stable_hash
 from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
@@ -159,6 +160,8 @@ class Trainer:
             self.metrics.append(self.meta["record"])  # the checkpoint was saved, its record was not
         self.tb = TBWriter(self.run_url)
         self.tb.text("config", config_text(self.cfg), self.step)
+        self.tb.text("code", f"linearsr code {code_id()} (`linearsr --version` prints the same id for the same files)", self.step)
+        log.info("linearsr code %s", code_id())
         self.tb.flush()
 
     def _tmp(self, prefix: str) -> str:
@@ -337,7 +340,7 @@ class Trainer:
                 "step": self.step, "samples": self.samples, "val_loss": record["val_loss"],
                 "val_loss_by_interval": record["val_loss_by_interval"], "world_size": self.world,
                 "zero_stage": cfg.deepspeed.zero_stage, "t_interval": record["t_interval"],
-                "config": configlib.to_dict(cfg), "record": record,
+                "config": configlib.to_dict(cfg), "record": record, "code": code_id(),
             })
             if self.ema is not None:
                 from safetensors.torch import save_file

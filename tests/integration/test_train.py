@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from linearsr.codeid import code_id
 from linearsr.main import main
 from linearsr.model.flow import FlowConfig, Interval
 from linearsr.trainer import rundir
@@ -148,6 +149,7 @@ def test_checkpoints_complete_and_named_in_metrics(zero2):
     meta = ckpt.read_meta(found[-1].url)
     assert meta["step"] == 60 and meta["samples"] == 60 * SAMPLES_PER_STEP and meta["zero_stage"] == 2
     assert meta["config"]["faults"]["die_at_step"] == 30
+    assert meta["code"] == code_id()  # the job ran the files this checkout shipped with it
     assert rundir.read_json(rundir.join(zero2, "config.json"))["run"]["url"] == zero2
 
 
@@ -163,6 +165,9 @@ def test_tensorboard_has_scalars_image_and_config(zero2):
     image = acc.Images("samples/lr_1nfe_nstep_hr")[-1]
     assert image.step == 60 and image.width == 4 * 64 and image.height % 64 == 0  # rows of LR|1-NFE|N-step|HR
     assert any(t.startswith("config") for t in tags["tensors"])
+    code_text = [e.tensor_proto.string_val[0].decode() for t in tags["tensors"] if t.startswith("code")
+                 for e in acc.Tensors(t)]
+    assert code_text and f"linearsr code {code_id()}" in code_text[-1]
 
 
 def test_finetune_draws_t_only_inside_its_interval(finetune):

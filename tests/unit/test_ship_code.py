@@ -6,7 +6,8 @@ import subprocess
 import sys
 import tomllib
 
-from linearsr.cluster.jobs import PACKAGE, SUBPACKAGES, command, stage_package
+from linearsr.cluster.jobs import PACKAGE, command, stage_package
+from linearsr.codeid import SUBPACKAGES, code_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,12 +23,14 @@ def test_the_staged_package_imports_on_its_own_with_every_subpackage_and_data_fi
             f"for name in {packages!r}:\n"
             "    m = importlib.import_module(name)\n"
             f"    assert m.__file__.startswith({str(tmp_path)!r}), (name, m.__file__)\n"
-            "print('ok')")
+            "from linearsr.codeid import code_id\n"
+            "print(code_id())")
     # Ray puts py_modules on PYTHONPATH, which wins over an installed linearsr (this checkout's
     # editable install is in site-packages here)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    # the copy reports the same code id as the package it was staged from
+    assert proc.returncode == 0 and proc.stdout.strip() == code_id(), proc.stderr
     top_level = {p.split(".")[1] for p in packages if p.count(".") == 1}
     assert top_level == set(SUBPACKAGES), "SUBPACKAGES must list pyproject's top-level subpackages"
 
