@@ -150,7 +150,7 @@ def evaluate(
     try:
         lpips = LPIPS.load()
     except FileNotFoundError:
-        lpips, lpips_note = None, f"LPIPS skipped: weights not found at {lpips_weights_path()} (run `make weights`)"
+        lpips, lpips_note = None, f"LPIPS skipped: weights not found at {lpips_weights_path()} (run `make weights` in the checkout, or set LINEARSR_LPIPS_WEIGHTS to the file)"
         log.warning(lpips_note)
 
     out = Path(out_dir)
@@ -265,19 +265,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--degradation", default="bicubic", choices=["bicubic", "realistic"])
     parser.add_argument("--steps", type=int, default=10, help="the multi-step setting (1-NFE is always measured)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=BUNDLE",
-                        help="another bundle to ablate against, e.g. knee=runs/demo/bundle/knee (repeatable)")
+                        help="another bundle to ablate against, e.g. knee=runs/demo/knee (repeatable)")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (sorted by name)")
     parser.add_argument("--no-tb", action="store_true", help="do not write TensorBoard events")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     compare = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--compare {item!r} is not NAME=BUNDLE (e.g. knee=runs/demo/bundle/knee)")
+            raise ValueError(f"--compare {item!r} is not NAME=BUNDLE (e.g. knee=runs/demo/knee)")
         compare[name] = path
     metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
                        args.seed, args.max_images, tb=not args.no_tb)

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         weights = export_checkpoint(args.checkpoint, out.with_suffix(""), ema=args.ema)
         print(f"linearsr export: wrote {weights} (+ {weights.with_suffix('.json').name})")
         return 0
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file; give a bundle folder, or a path ending in .safetensors for one expert file")
     out.mkdir(parents=True, exist_ok=True)
     weights = export_checkpoint(args.checkpoint, out / "model", ema=args.ema)
     meta = ckpt.read_meta(args.checkpoint)

@@ -121,6 +121,48 @@ def test_tags_from_flag_bundle_tagger_and_external_tagger(tmp_path, bundle, astr
     assert upscale("--bundle", bundle, tmp_path / "a.png", "--out", tmp_path / "o3", "--tagger", "mytagger") == 1
 
 
+def test_a_failing_external_tagger_costs_its_image_not_the_batch(tmp_path, bundle, astronaut_lr, caplog, monkeypatch):
+    astronaut_lr.resize((16, 16)).save(tmp_path / "small.png")
+    astronaut_lr.resize((32, 24)).save(tmp_path / "wide.png")
+    (tmp_path / "picky.py").write_text(textwrap.dedent("""
+        def tag(image):
+            if image.width == 16:
+                raise RuntimeError("model not loaded")
+            return ["wide"]
+
+        def count(image):
+            return 5
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert upscale("--bundle", bundle, tmp_path / "small.png", tmp_path / "wide.png", "--out", out,
+                   "--tagger", "picky:tag") == 1
+    assert "small.png: the tagger failed (RuntimeError: model not loaded)" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["wide.png"]
+    caplog.clear()
+    assert upscale("--bundle", bundle, tmp_path / "wide.png", "--out", out, "--tagger", "picky:count") == 1
+    assert "returned 5; it must return a list of strings" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile", "8"], "--tile 8 --overlap 16: tiles need tile >= 8 and 0 <= overlap < tile/2"),
+    (["--tile", "200", "--overlap", "150"], "0 <= overlap < tile/2"),
+])
+def test_impossible_tiling_is_refused_before_any_work(tmp_path, bundle, astronaut_lr, capsys, args, message):
+    astronaut_lr.resize((16, 16)).save(tmp_path / "a.png")
+    assert upscale("--bundle", bundle, tmp_path / "a.png", "--out", tmp_path / "out", *args) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_one_line_and_overwrites_nothing(tmp_path, bundle, astronaut_lr, capsys):
+    astronaut_lr.resize((16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert upscale("--bundle", bundle, tmp_path / "a.png", "--out", tmp_path / "notes.txt") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"linearsr upscale: error: --out {tmp_path / 'notes.txt'} is a file; give a folder for the upscaled images"
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def trained_like(seed=0) -> LinearSR:
     """A model whose every weight is non-zero, so its output depends on context like a trained one."""
     torch.manual_seed(seed)
