@@ -53,7 +53,7 @@ def _print_text(s: dict) -> None:
         return
     head = "decision" if s["decided"] else "decision due (the sidecar takes it on its next poll)"
     print(f"{head}: {d['checkpoint']} (step {d.get('checkpoint_step')})")
-    print(f"  knee step {d.get('knee_step')}, diverged at {d.get('diverged_at')}, method {d['method']}")
+    print(f"  knee step {d.get('knee_step')}, {'diverged at ' + str(d['diverged_at']) if d.get('diverged_at') is not None else 'no divergence'}, method {d['method']}")
     print(f"  {d['reason']}")
 
 

@@ -90,7 +90,7 @@ def decision_markdown(decision: dict) -> str:
     lines = [f"**ESGF decision** ({decision['method']})", "",
              f"- checkpoint: `{decision['checkpoint']}` (step {decision.get('checkpoint_step')})",
              f"- knee step: {decision.get('knee_step')}",
-             f"- diverged at: {decision.get('diverged_at')}",
+             f"- diverged at: {'step ' + str(decision['diverged_at']) if decision.get('diverged_at') is not None else 'no divergence'}",
              f"- reason: {decision['reason']}", "",
              "```", dumps(decision.get("params", {}), indent=1, sort_keys=True), "```"]
     return "\n".join(lines)

@@ -411,7 +411,7 @@ def verify_shards(root: str, endpoint: str | None = None, progress: bool = True)
     for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):
         problem = _check_shard(join(root, entry["path"]), entry, endpoint)
         if problem:
-            log.warning("%s: %s", entry["path"], problem)
+            log.debug("%s: %s", entry["path"], problem)
             problems.append({"path": entry["path"], "problem": problem})
     return {"shards": len(entries), "samples": sum(s["samples"] for s in entries),
             "bytes": sum(s["bytes"] for s in entries), "problems": problems}

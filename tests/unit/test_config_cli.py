@@ -109,3 +109,8 @@ def test_failed_training_names_the_rank_that_failed_first():
     bad_data = ValueError("training data: 30 of 200 samples skipped (15% > data.max_skip_fraction=0.05)")
     assert _root_cause(WorkerGroupError({0: broken_pipe, 1: bad_data})) == f"rank 1: ValueError: {bad_data}"
     assert _root_cause(WorkerGroupError({0: broken_pipe})).startswith("rank 0: RuntimeError: [gloo")
+
+
+def test_verbose_flag_works_before_the_command_too(capsys, tmp_path):
+    code, err = run_cli(capsys, "-v", "train", "--config", TINY, "optim.lrr=1", "--run", str(tmp_path / "run"))
+    assert code == 1 and "unknown config key 'optim.lrr'" in err and "unknown command" not in err
