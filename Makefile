@@ -15,8 +15,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 .PHONY: help setup weights test test-unit test-integration bench
 
 help:
-	@echo "make demo        the whole pipeline on local folders and a local Ray cluster"
-	@echo "make test        unit + integration tests (CPU)"
+	@echo "The two commands: make demo (the whole pipeline), make test (what CI runs). All targets:"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "make %-15s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv and install LinearSR with pinned dependencies
@@ -62,7 +61,9 @@ data: setup $(DATA_DIR)/shards/manifest.json  ## fetch the 48 Debian wallpaper p
 $(DATA_DIR)/shards/manifest.json: data/photo_tags.json data/photos.py
 	$(PY) -m linearsr.data.photos all --photos $(DATA_DIR)/photos --shards $(DATA_DIR)/shards
 
-devset: setup  ## the development evaluation set (skimage + sklearn photos, PNG + tags.json) in runs/data/devset
+devset: setup $(DATA_DIR)/devset/tags.json  ## the development evaluation set (skimage + sklearn photos, PNG + tags.json) in runs/data/devset
+
+$(DATA_DIR)/devset/tags.json: data/devset.py  # written last: an interrupted run is redone
 	$(PY) -m linearsr.data.devset $(DATA_DIR)/devset
 
 s3-up: setup  ## start a local S3 server (moto) on 127.0.0.1; then `. runs/s3/env` points clients at it
@@ -128,7 +129,7 @@ demo: setup weights data devset  ## the whole pipeline: shards -> pretrain + sid
 	$(BIN)/linearsr demo --run $(RUN) --store $(STORE) $(ARGS)
 
 BUNDLE ?= $(RUN)/bundle
-eval: setup weights devset  ## evaluate BUNDLE (default runs/demo/bundle) on the development photos -> $(RUN)/eval/report.md
+eval: setup weights devset  ## evaluate BUNDLE (default runs/demo/bundle) on the development photos -> runs/demo/eval/report.md
 	$(BIN)/linearsr eval --bundle $(BUNDLE) --hr $(DATA_DIR)/devset --out $(RUN)/eval
 
 # ---------------------------------------------------------------- GPU
