@@ -63,7 +63,7 @@ $(DATA_DIR)/shards/manifest.json: data/photo_tags.json data/photos.py
 
 devset: setup $(DATA_DIR)/devset/tags.json  ## the development evaluation set (skimage + sklearn photos, PNG + tags.json) in runs/data/devset
 
-$(DATA_DIR)/devset/tags.json: data/devset.py  # written last: an interrupted run is redone
+$(DATA_DIR)/devset/tags.json: data/devset.py | $(VENV)/.installed  # written last: an interrupted run is redone
 	$(PY) -m linearsr.data.devset $(DATA_DIR)/devset
 
 s3-up: setup  ## start a local S3 server (moto) on 127.0.0.1; then `. runs/s3/env` points clients at it
