@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     setup_logging(args.verbose)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return int(module.run(args) or 0)
+        with logging_redirect_tqdm():  # log lines print above a progress bar, not glued to its end
+            return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         # user-facing errors are one sentence; internal bugs (asserts, others) keep their traceback
         logging.getLogger("linearsr").debug("error detail", exc_info=True)
