@@ -262,6 +262,11 @@ def local_files(local_dir: str) -> list[str]:
 # --------------------------------------------------------------------------- consolidation
 
 
+def _name_the_accelerator() -> None:
+    """Before DeepSpeed's first import: it warns when it has to guess (`linearsr export` on a CPU box)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _ds_safe_globals() -> list:
     """The plain-data DeepSpeed classes inside ZeRO optimizer files (no code runs to rebuild them)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -287,6 +292,7 @@ class _WeightsOnlyTorch:
 def weights_only_loads():
     """While active, DeepSpeed reads checkpoint files with torch.load(weights_only=True): a
     tampered checkpoint in storage cannot run code (its data classes are allow-listed)."""
+    _name_the_accelerator()
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
     from deepspeed.utils import zero_to_fp32
 
@@ -298,6 +304,7 @@ def weights_only_loads():
 def consolidate(local_dir: str) -> dict[str, torch.Tensor]:
     """One fp32 state dict of the LinearSR weights from a local checkpoint folder of any ZeRO stage
     and world size (DeepSpeed's zero_to_fp32)."""
+    _name_the_accelerator()
     from deepspeed.utils import zero_to_fp32
 
     ds_dir = os.path.join(local_dir, TAG)
