@@ -200,6 +200,7 @@ class Sidecar:
             return 0
         tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep, token=decision_token(decision))
         init = decision["checkpoint"]
+        self._compare_code(init)
         if self.cfg.experts.full_range_first:
             spec = full_range_spec(self.run, init)
             if retry_failed and spec.key in self.state.jobs:
@@ -228,6 +229,20 @@ class Sidecar:
         self.state.event(f"bundle written: {url} ({len(specs)} experts)")
         self.state.save()
         return 0
+
+    def _compare_code(self, ckpt_url: str) -> None:
+        """The expert jobs carry this sidecar's linearsr; say so when the pretrain ran other code."""
+        from linearsr.codeid import code_id
+        from linearsr.trainer.checkpoint import read_meta
+
+        try:
+            theirs = read_meta(ckpt_url).get("code")
+        except (FileNotFoundError, ValueError):
+            return
+        if theirs and theirs != code_id():
+            self.state.event(f"the experts run linearsr code {code_id()} (this sidecar's); the knee checkpoint was "
+                             f"trained by code {theirs}: run the sidecar from the pretrain's checkout to fine-tune "
+                             "with the same code", logging.WARNING)
 
     def _fail(self, keys: list[str], what: str) -> int:
         recs = [self.state.jobs[k] for k in keys]

@@ -104,6 +104,7 @@ def make_pretrain_run(url, tmp_path, plan=None, n=30, nan_from=None, sleep=0.5, 
         v = math.nan if nan_from is not None and step >= nan_from else 0.5 * math.exp(-step / 600) + 0.1
         ckpt = join(url, "checkpoints", f"checkpoint_{step:06d}") if i % 2 else None
         if ckpt:
+            write_json(join(ckpt, "meta.json"), {"step": step, "code": "0123456789ab"})  # trained by other code
             write_json(join(ckpt, MARKER), {"files": []})
         w.append({"step": step, "val_loss": v, "train_loss": v, "checkpoint": ckpt,
                   "val_loss_by_interval": {k: v for k in INTERVALS}})
@@ -176,6 +177,8 @@ def test_divergence_stops_pretrain_then_experts_run_in_parallel_into_a_bundle(ra
     assert jobs.wait(pretrain, timeout=60, poll=0.3).status == "STOPPED"
     state = read_json(join(run, "analysis", "state.json"))
     assert state["pretrain_stopped"]["job"] == pretrain and "divergence began at step 2500" in state["pretrain_stopped"]["reason"]
+    # the pretrain's code differs from this checkout's: the operator is told, in the log and state.json
+    assert any("the knee checkpoint was trained by code 0123456789ab" in e["event"] for e in state["events"])
 
     # one job per interval, each from the decision's checkpoint, their run times overlapping
     windows = []
