@@ -44,7 +44,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    while argv and argv[0] in ("-v", "--verbose") and len(argv) > 1:  # `linearsr -v CMD ...` = `linearsr CMD -v ...`
+    if len(argv) > 1 and argv[0] in ("-v", "--verbose"):  # `linearsr -v CMD ...` = `linearsr CMD -v ...`
         argv = [argv[1], argv[0], *argv[2:]]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
