@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.cluster import local
     from linearsr.cluster.jobs import Jobs, command
     from linearsr.trainer.evaluate import evaluate
-    from linearsr.trainer.export import export_checkpoint
+    from linearsr.trainer.export import export_bundle
     from linearsr.trainer.rundir import RunDir, exists, fs_for, read_json, read_json_or_none, write_json
     from linearsr.trainer.tagger import add_to_bundle, train_tagger
 
@@ -131,12 +131,7 @@ def run(args: argparse.Namespace) -> int:
         _stage(5, total, "knee model alone (for the ablation): export of the knee checkpoint")
         knee_dir = os.path.join(run_local, "knee")
         if not os.path.exists(os.path.join(knee_dir, "manifest.json")):
-            export_checkpoint(decision["checkpoint"], os.path.join(knee_dir, "expert_0"))
-            from linearsr.model.bundle import read_expert_meta, write_bundle
-
-            meta = read_expert_meta(os.path.join(knee_dir, "expert_0.safetensors"))
-            write_bundle(knee_dir, [{"interval": "-inf,inf", "weights": "expert_0.safetensors",
-                                     "val_loss": meta.get("val_loss")}], meta["model"], decision["knee_step"])
+            export_bundle(decision["checkpoint"], knee_dir, knee_step=decision["knee_step"])
 
         _stage(6, total, "TAG tagger on the shards' tags -> bundle")
         from linearsr.model.bundle import read_manifest

@@ -56,6 +56,19 @@ def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) 
     })
 
 
+def export_bundle(ckpt_url: str, out_dir: str | Path, knee_step: int | None = None, ema: bool = False) -> Path:
+    """A 1-expert bundle (the whole log-SNR range) in OUT_DIR from a complete checkpoint:
+    OUT_DIR/model.safetensors + model.json + manifest.json; returns the manifest's path."""
+    from linearsr.model.bundle import read_expert_meta, write_bundle
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = export_checkpoint(ckpt_url, out / "model", ema=ema)
+    meta = read_expert_meta(weights)
+    return write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss")}],
+                        meta["model"], knee_step=knee_step)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint URL: RUN/checkpoints/checkpoint_XXXXXX (local or s3://)")
     parser.add_argument("out", metavar="OUT", help="a bundle folder, or an expert file ending in .safetensors")
@@ -63,9 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linearsr.model.bundle import write_bundle
-    from linearsr.model.config import ModelConfig
-
     out = Path(args.out)
     ckpt.require_complete(args.checkpoint)  # before anything is created
     if out.suffix == ".safetensors":
@@ -74,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {out} is a file; give a bundle folder, or a path ending in .safetensors for one expert file")
-    out.mkdir(parents=True, exist_ok=True)
-    weights = export_checkpoint(args.checkpoint, out / "model", ema=args.ema)
-    meta = ckpt.read_meta(args.checkpoint)
-    manifest = write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss")}],
-                            ModelConfig.from_dict(meta["config"]["model"]), knee_step=None)
-    print(f"linearsr export: wrote the 1-expert bundle {manifest} (step {meta['step']})")
+    from linearsr.model.bundle import read_expert_meta
+
+    manifest = export_bundle(args.checkpoint, out, ema=args.ema)
+    step = read_expert_meta(out / "model.safetensors")["step"]
+    print(f"linearsr export: wrote the 1-expert bundle {manifest} (step {step})")
     return 0
