@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from linearsr.model.backbones import AlexFeatures
+
 log = logging.getLogger(__name__)
 
 LPIPS_ENV = "LINEARSR_LPIPS_WEIGHTS"
@@ -85,29 +87,6 @@ def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0) -> float:
 # --------------------------------------------------------------------------- LPIPS (AlexNet, v0.1)
 
 
-class _AlexFeatures(nn.Module):
-    """AlexNet's five conv stages; returns the five ReLU outputs LPIPS compares."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList([
-            nn.Conv2d(3, 64, 11, stride=4, padding=2),
-            nn.Conv2d(64, 192, 5, padding=2),
-            nn.Conv2d(192, 384, 3, padding=1),
-            nn.Conv2d(384, 256, 3, padding=1),
-            nn.Conv2d(256, 256, 3, padding=1),
-        ])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i, conv in enumerate(self.convs):
-            if i in (1, 2):
-                x = F.max_pool2d(x, 3, stride=2)
-            x = F.relu(conv(x))
-            outs.append(x)
-        return outs
-
-
 class LPIPS(nn.Module):
     """LPIPS v0.1 with the AlexNet backbone. forward(a, b): [B, 3, H, W] in [0, 1] -> [B]."""
 
@@ -116,7 +95,7 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = _AlexFeatures()
+        self.features = AlexFeatures()
         self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 192, 384, 256, 256)])
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
