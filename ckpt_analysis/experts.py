@@ -29,7 +29,8 @@ from linearsr.ckpt_analysis.knee import detect_divergence
 from linearsr.ckpt_analysis.state import State
 from linearsr.cluster.jobs import Jobs, JobInfo
 from linearsr.model.flow import FULL_RANGE, Interval, check_partition
-from linearsr.trainer.rundir import RunDir, fs_for, join, write_bytes_atomic
+from linearsr.core import storage
+from linearsr.trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -279,11 +280,6 @@ def assemble_bundle(
             export(ckpt, os.path.join(tmp, f"expert_{i}"))
             entries.append({"interval": [iv.lo, iv.hi], "weights": f"expert_{i}.safetensors", "val_loss": val})
         write_bundle(tmp, experts=entries, model_config=config.get("model") or {}, knee_step=knee_step, tagger=None)
-        fs, dest = fs_for(run.bundle)
-        fs.makedirs(dest, exist_ok=True)
-        for name in sorted(os.listdir(tmp)):
-            if name != MANIFEST:
-                fs.put_file(os.path.join(tmp, name), f"{dest.rstrip('/')}/{name}")
-        with open(os.path.join(tmp, MANIFEST), "rb") as f:  # last, and atomically
-            write_bytes_atomic(join(run.bundle, MANIFEST), f.read())
+        storage.upload_dir(tmp, run.bundle, [n for n in sorted(os.listdir(tmp)) if n != MANIFEST])
+        storage.put_file(os.path.join(tmp, MANIFEST), storage.join(run.bundle, MANIFEST))  # last
     return run.bundle

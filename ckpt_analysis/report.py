@@ -17,7 +17,8 @@ import os
 import tempfile
 
 from linearsr.ckpt_analysis.decision import Analysis
-from linearsr.trainer.rundir import RunDir, dumps, fs_for, is_local, join, local_path, write_bytes_atomic
+from linearsr.core import storage
+from linearsr.trainer.rundir import RunDir, dumps, is_local, join, local_path, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,8 @@ def log_to_tensorboard(run: RunDir, analysis: Analysis, decision: dict, png: byt
         finally:
             writer.close()
         if not is_local(run.tb):
-            fs, path = fs_for(run.tb)
             for f in glob.glob(os.path.join(tmp, "*.esgf")):
-                fs.put_file(f, f"{path.rstrip('/')}/{os.path.basename(f)}")
+                storage.put_file(f, storage.join(run.tb, os.path.basename(f)))
     log.info("decision logged to TensorBoard in %s", run.tb)
 
 

@@ -17,7 +17,7 @@ import os
 PACKAGE = "linearsr"
 # The subpackages, each a folder of its own in a checkout; nested ones (model.kernels) are
 # inside their parent's folder.
-SUBPACKAGES = ("model", "data", "trainer", "cluster", "ckpt_analysis")
+SUBPACKAGES = ("core", "model", "data", "trainer", "cluster", "ckpt_analysis")
 _SKIP_DIRS = {"__pycache__"}
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".so")
 

@@ -47,21 +47,18 @@ def _require(path: str, how: str) -> None:
 
 def _s3_setup(shards: str, run_local: str) -> tuple[str, str, object]:
     """Start the local S3 server, put the shards in a bucket; returns (shards URL, run URL, server)."""
-    import fsspec
-
+    from linearsr.core import storage
     from linearsr.data import s3local
 
     server = s3local.running("runs/s3") or s3local.start("runs/s3")
     os.environ.update(server.env())  # this process, the Ray head and its jobs all talk to it
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": server.endpoint})
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
+    if not storage.exists(f"s3://{BUCKET}"):
+        server.make_bucket(BUCKET)
     shards_url = f"s3://{BUCKET}/shards"
-    if not fs.exists(f"{BUCKET}/shards/manifest.json"):
+    if not storage.exists(f"{shards_url}/manifest.json"):
         # the manifest last, so a reader never sees it before the shards it lists
-        for split in ("train", "val"):
-            fs.put(os.path.join(shards, split), f"{BUCKET}/shards/{split}", recursive=True)
-        fs.put(os.path.join(shards, "manifest.json"), f"{BUCKET}/shards/manifest.json")
+        storage.upload_dir(shards, shards_url, [rel for rel in storage.find(shards) if rel != "manifest.json"])
+        storage.put_file(os.path.join(shards, "manifest.json"), f"{shards_url}/manifest.json")
     print(f"local S3 server {server.endpoint}: shards at {shards_url}")
     return shards_url, f"s3://{BUCKET}/runs/{os.path.basename(run_local.rstrip('/'))}", server
 
@@ -72,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.cluster.jobs import Jobs, command
     from linearsr.trainer.evaluate import evaluate
     from linearsr.trainer.export import export_bundle
-    from linearsr.trainer.rundir import RunDir, exists, fs_for, read_json, read_json_or_none, write_json
+    from linearsr.core import storage
+    from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
     from linearsr.trainer.tagger import add_to_bundle, train_tagger
 
     total = 7
@@ -125,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
         decision = read_json(run.decision)
         print(f"knee: step {decision['knee_step']} -> {decision['checkpoint']}\n  why: {decision['reason']}")
         if args.store == "s3":  # researchers upscale from a local copy
-            fs, path = fs_for(run.bundle)
-            fs.get(path, bundle_local, recursive=True)
+            storage.download_dir(run.bundle, bundle_local)
 
         _stage(5, total, "knee model alone (for the ablation): export of the knee checkpoint")
         knee_dir = os.path.join(run_local, "knee")

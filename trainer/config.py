@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from linearsr.core.storage import StorageConfig
 from linearsr.data.config import DataConfig
 from linearsr.model.config import ModelConfig
 from linearsr.model.flow import FlowConfig, Interval
@@ -183,6 +184,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     esgf: dict[str, Any] = field(default_factory=dict)  # the sidecar's table, validated by ckpt_analysis
 
     def __post_init__(self):

@@ -15,162 +15,28 @@ operator can read them too:
     RUN/bundle/manifest.json      the MoE bundle read by `linearsr upscale`
 
 Non-finite floats are written as the strings "nan", "inf", "-inf" and read back as floats.
+Every read and write goes through linearsr.core.storage (retries, atomic writes).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import posixpath
-import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
-import fsspec
+# the run dir is touched only through linearsr.core.storage; these are its names used here and by
+# the stages that read the contract through this module
+from linearsr.core.storage import (  # noqa: F401
+    dumps, exists, is_local, join, loads, local_path, read_json, read_json_or_none, read_text, write_bytes_atomic,
+    write_json, write_text_atomic,
+)
 
 # metrics.jsonl field names (more may be added, none renamed)
 METRIC_FIELDS = (
     "step", "samples", "wall_time", "train_loss", "val_loss", "val_loss_by_interval",
     "lr", "grad_norm", "samples_per_s", "data_skips", "checkpoint",
 )
-
-
-# --------------------------------------------------------------------------- URLs
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def join(url: str, *parts: str) -> str:
-    """Join path parts onto a local path or URL (always with '/')."""
-    if is_local(url):
-        return os.path.join(local_path(url), *parts)
-    return posixpath.join(url, *parts)
-
-
-def fs_for(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a URL and the path inside it. For s3:// the endpoint in force
-    (AWS_ENDPOINT_URL) is part of the key of fsspec's instance cache, so a changed endpoint never
-    gets a client still pointing at the old one."""
-    if url.startswith("s3://") and "endpoint_url" not in storage_options:
-        from linearsr.data.s3 import endpoint_url
-
-        if endpoint_url():
-            storage_options["endpoint_url"] = endpoint_url()
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    return fs, path
-
-
-def _storage(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a remote URL; s3:// through linearsr.data.s3 (its own retry loop only)."""
-    from linearsr.data.s3 import filesystem
-
-    return filesystem(url)
-
-
-def _retried(fn, what: str):
-    """fn() retried on transient storage errors with backoff; retries counted (`storage_retries`)."""
-    from linearsr.data.s3 import with_retries
-
-    return with_retries(fn, what)
-
-
-def exists(url: str) -> bool:
-    if is_local(url):
-        return os.path.exists(local_path(url))
-    fs, path = _storage(url)
-    return _retried(lambda: fs.exists(path), f"check {url}")
-
-
-# --------------------------------------------------------------------------- JSON with non-finite floats
-
-
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
-        return _encode(obj.item())
-    return obj
-
-
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, str) and obj in _NONFINITE:
-        return _NONFINITE[obj]
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any, **kw) -> str:
-    """JSON text with nan/inf as strings (strict JSON, readable by any tool)."""
-    return json.dumps(_encode(obj), allow_nan=False, **kw)
-
-
-def loads(text: str) -> Any:
-    return _decode(json.loads(text))
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def write_text_atomic(url: str, text: str) -> None:
-    """Write a whole file so that a reader sees the old or the new content, never a mix.
-    Local: temp file in the same folder + fsync + rename. Object stores: one PUT (atomic),
-    retried on transient errors (a retried PUT writes the same bytes again)."""
-    write_bytes_atomic(url, text.encode("utf-8"))
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    fs, path = _storage(url)
-    _retried(lambda: fs.pipe_file(path, data), f"write {url}")
-
-
-def write_json(url: str, obj: Any) -> None:
-    write_text_atomic(url, dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_text(url: str) -> str:
-    if is_local(url):
-        with open(local_path(url), encoding="utf-8") as f:
-            return f.read()
-    fs, path = _storage(url)
-    return _retried(lambda: fs.cat_file(path), f"read {url}").decode("utf-8")
-
-
-def read_json(url: str) -> Any:
-    return loads(read_text(url))
-
-
-def read_json_or_none(url: str) -> Any | None:
-    try:
-        return read_json(url)
-    except FileNotFoundError:
-        return None
 
 
 # --------------------------------------------------------------------------- metrics.jsonl

@@ -12,7 +12,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from linearsr.trainer import rundir
+from linearsr.core import storage
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ class TBWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.remote = None
-        if rundir.is_local(run_url):
-            logdir = rundir.local_path(rundir.join(run_url, "tb"))
+        if storage.is_local(run_url):
+            logdir = storage.local_path(storage.join(run_url, "tb"))
         else:
-            self.remote = rundir.join(run_url, "tb")
+            self.remote = storage.join(run_url, "tb")
             logdir = tempfile.mkdtemp(prefix="linearsr-tb-")
         self.logdir = logdir
         self.writer = SummaryWriter(log_dir=logdir, flush_secs=3600)
@@ -61,9 +61,7 @@ class TBWriter:
     def flush(self) -> None:
         self.writer.flush()
         if self.remote is not None:
-            from linearsr.trainer.checkpoint import upload_dir
-
-            upload_dir(self.logdir, self.remote)
+            storage.upload_dir(self.logdir, self.remote)
 
     def close(self) -> None:
         self.flush()

@@ -8,6 +8,7 @@ import sys
 import pytest
 import webdataset
 
+from linearsr.core import storage
 from linearsr.data import s3, s3local
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
@@ -55,30 +56,8 @@ def test_s3_loader_counts_a_missing_shard(s3_bucket, tiny_shards):
     assert got == manifest["splits"]["val"]["samples"] - gone["samples"]
 
 
-def test_transient_errors_are_retried_with_backoff_and_counted(monkeypatch):
-    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionResetError("connection reset by peer")
-        return b"ok"
-
-    before = s3.retry_count()
-    assert s3.with_retries(flaky, "GET s3://b/k", retries=5) == b"ok"
-    assert s3.retry_count() - before == 2
-    with pytest.raises(FileNotFoundError):  # a missing object is not retried
-        s3.with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("b/k")), "GET s3://b/k", retries=5)
-    assert s3.retry_count() - before == 2
-    with pytest.raises(s3.StorageError, match=r"GET failed after 3 attempts \(ConnectionResetError: reset\)") as e:
-        s3.with_retries(lambda: (_ for _ in ()).throw(ConnectionResetError("reset")), "GET", retries=2)
-    assert isinstance(e.value.__cause__, ConnectionResetError)
-    assert s3.retry_count() - before == 4
-
-
 def test_reader_resumes_a_shard_after_a_dropped_request(s3_bucket, monkeypatch):
-    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     fs, _ = s3.filesystem(s3_bucket)
     data = bytes(range(256)) * 4096  # 1 MiB
     fs.pipe_file(f"{s3_bucket}/blob"[5:], data)
@@ -91,7 +70,7 @@ def test_reader_resumes_a_shard_after_a_dropped_request(s3_bucket, monkeypatch):
         return real(path, start=start, end=end, **kw)
 
     monkeypatch.setattr(fs, "cat_file", cat_file)
-    monkeypatch.setattr(s3, "CHUNK", 256 << 10)
+    monkeypatch.setattr(storage, "CHUNK", 256 << 10)
     before = s3.retry_count()
     with s3.open_url(f"{s3_bucket}/blob") as f:
         assert f.read() == data
@@ -144,8 +123,8 @@ def test_s3_up_and_down_manage_a_detached_server(tmp_path, capsys):
 def test_no_credentials_and_unreachable_endpoint_are_one_line_errors(s3_bucket, monkeypatch, capsys):
     from linearsr.main import main
 
-    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
-    monkeypatch.setattr(s3, "_filesystems", {})  # fresh clients that resolve credentials again
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage, "_filesystems", {})  # fresh clients that resolve credentials again
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -158,9 +137,9 @@ def test_no_credentials_and_unreachable_endpoint_are_one_line_errors(s3_bucket, 
     assert s3.retry_count() == before  # not worth retrying
     monkeypatch.undo()
 
-    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
-    cfg = DataConfig(shards=f"{s3_bucket}/shards", s3_endpoint="http://127.0.0.1:9", retries=1)
-    with pytest.raises(ConnectionError, match=r"cannot reach the storage endpoint http://127.0.0.1:9 after 2 attempts"):
+    monkeypatch.setattr(storage, "_settings", storage.StorageConfig(connect_budget_s=2))
+    cfg = DataConfig(shards=f"{s3_bucket}/shards", s3_endpoint="http://127.0.0.1:9")
+    with pytest.raises(ConnectionError, match=r"cannot reach the storage endpoint http://127.0.0.1:9 after \d+ attempts"):
         make_train_loader(cfg)
 
 
@@ -182,7 +161,7 @@ def test_read_ahead_hands_over_bytes_then_the_error_that_ended_the_download():
             self.sent += n
             return n
 
-    with io.BufferedReader(s3.ReadAhead(Flaky(), chunk=1000, depth=2), 512) as f:
+    with io.BufferedReader(storage.ReadAhead(Flaky(), chunk=1000, depth=2), 512) as f:
         assert f.read(2500) == b"\1" * 1000 + b"\2" * 1000 + b"\3" * 500
         with pytest.raises(OSError, match="connection reset after retries"):
             f.read()

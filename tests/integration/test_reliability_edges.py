@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from linearsr.core import storage
 from linearsr.data import s3
 from linearsr.main import main
 from linearsr.trainer.rundir import write_json
@@ -49,8 +50,8 @@ def nothing_under(url: str) -> bool:
 @pytest.fixture
 def no_credentials(monkeypatch):
     """An environment where no AWS credentials can be found (and fresh clients that look again)."""
-    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
-    monkeypatch.setattr(s3, "_filesystems", {})
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage, "_filesystems", {})
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")

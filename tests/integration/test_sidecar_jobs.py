@@ -278,18 +278,18 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     """Also the optional full-range ESGF fine-tune first: the experts start from its best checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from linearsr.trainer.rundir import fs_for
+    from linearsr.core import storage
 
     run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000,
                             esgf={"experts": {"full_range_first": True}})
     # a partly written last line (object stores are rewritten whole, but a reader may race a writer)
-    fs, path = fs_for(join(run, "metrics.jsonl"))
-    fs.pipe_file(path, fs.cat_file(path) + b'{"step": 3100, "val_lo')
+    metrics = join(run, "metrics.jsonl")
+    storage.write_bytes_atomic(metrics, storage.read_bytes(metrics) + b'{"step": 3100, "val_lo')
 
     assert main(["analyze", run, "--watch", "--ray-address", ray_cluster]) == 0
     d = read_json(join(run, "analysis", "decision.json"))
     assert d["method"] == "kneedle" and d["checkpoint"].startswith(run)
-    assert fs.cat_file(fs_for(join(run, "analysis", "curve.png"))[1])[:4] == b"\x89PNG"
+    assert storage.read_bytes(join(run, "analysis", "curve.png"))[:4] == b"\x89PNG"
     full = join(run, "experts", "full_-inf_inf")
     assert read_json(join(full, "args.json"))["init"] == d["checkpoint"]
     for i, key in enumerate(INTERVALS):  # each expert from the full-range run's best (step 20)
@@ -300,12 +300,9 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     assert len(manifest["experts"]) == 4
     for e in manifest["experts"]:
         assert exists(join(run, "bundle", e["weights"]))
-    tb_files = fs.ls(fs_for(join(run, "tb"))[1])
-    assert any(f.endswith(".esgf") for f in tb_files)
+    assert any(f.endswith(".esgf") for f in storage.ls(join(run, "tb")))
     local_tb = tmp_path / "tb"
-    local_tb.mkdir()
-    for f in tb_files:
-        fs.get_file(f, str(local_tb / os.path.basename(f)))
+    storage.download_dir(join(run, "tb"), str(local_tb))
     acc = EventAccumulator(str(local_tb))
     acc.Reload()
     assert [e.step for e in acc.Scalars("esgf/knee")] == [d["knee_step"]]

@@ -8,7 +8,8 @@ seeded random fraction of requests, instead:
     there was a body to cut: a HEAD answer or an empty body is forwarded whole).
 Counts of requests and injected faults are kept per kind, for assertions. `enabled = False`
 forwards everything untouched (requests are still counted). `fail_next(method, path, n)` fails
-the next n matching requests whatever the rates (an outage of one prefix). `access_key_ids`
+the next n matching requests whatever the rates, `fail_for(method, path, seconds)` every matching
+request for that long (an outage of one prefix). `access_key_ids`
 holds the access key ids the clients signed their requests with (proof of which credentials
 a process really used).
 
@@ -22,6 +23,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -44,6 +46,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[list] = []
+        self._bursts: list[dict] = []
         self.access_key_ids: set[str] = set()  # the access key ids the clients signed with (never secrets)
         self.enabled = True
         proxy = self
@@ -110,14 +113,40 @@ class FaultProxy:
         with self._lock:
             self._rules.append([method, path_contains, count, kind])
 
+    def fail_for(self, method: str, path_contains: str, seconds: float, kinds: tuple[str, ...] = ("slowdown", "reset")) -> None:
+        """An outage of one prefix that starts with the first matching request and lasts `seconds`:
+        every matching request until then gets the next fault of `kinds`, in turn."""
+        assert all(k in ("slowdown", "reset") for k in kinds), kinds
+        with self._lock:
+            self._bursts.append({"method": method, "path": path_contains, "seconds": seconds, "kinds": kinds,
+                                 "start": None, "n": 0})
+
+    def _burst(self, method: str, path: str) -> str | None:
+        for b in self._bursts:
+            if b["method"] == method and b["path"] in path:
+                now = time.monotonic()
+                b["start"] = now if b["start"] is None else b["start"]
+                if now - b["start"] < b["seconds"]:
+                    kind = b["kinds"][b["n"] % len(b["kinds"])]
+                    b["n"] += 1
+                    return kind
+        return None
+
     def _pick(self, method: str, path: str = "") -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            burst = self._burst(method, path)
+            if burst is not None:
+                self.counts[burst] += 1
+                self.counts["targeted"] += 1
+                self.counts[f"targeted_{burst}"] += 1
+                return burst
             for rule in self._rules:
                 if rule[2] > 0 and rule[0] == method and rule[1] in path:
                     rule[2] -= 1
                     self.counts[rule[3]] += 1
                     self.counts["targeted"] += 1
+                    self.counts[f"targeted_{rule[3]}"] += 1
                     return rule[3]
             if not self.enabled or method not in self.methods:
                 return None
