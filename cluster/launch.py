@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from linearsr.core import storage
 from linearsr.trainer import rundir
 from linearsr.trainer.config import TrainConfig, config_text
 
@@ -41,7 +42,7 @@ class TrainResult:
 
 def absolute_run_url(url: str) -> str:
     """A local path made absolute (workers have another cwd); other URLs as they are."""
-    return os.path.abspath(rundir.local_path(url)) if rundir.is_local(url) else url.rstrip("/")
+    return os.path.abspath(storage.local_path(url)) if storage.is_local(url) else url.rstrip("/")
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -89,18 +90,23 @@ def connect(address: str = "") -> str:
     return "a new local Ray"
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """GPU runs get both backends: NCCL for CUDA tensors (DeepSpeed's collectives), gloo for
+    anything that still lands on the CPU, so no collective fails on a tensor's device."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def storage_for(run_url: str):
     """(storage_path, storage_filesystem) for RunConfig: RUN itself (Ray adds /checkpoints)."""
-    if rundir.is_local(run_url):
+    if storage.is_local(run_url):
         return run_url, None
     if not run_url.startswith("s3://"):
         return run_url, None  # pyarrow resolves gs://, hdfs://, ...
     import pyarrow.fs
     import s3fs
 
-    from linearsr.data.s3 import endpoint_url
-
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint_url(), skip_instance_cache=True)
+    # Ray's own writes (its bookkeeping snapshot) get the same botocore retries as ours
+    fs = s3fs.S3FileSystem(**storage.s3_options())
     return run_url[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
@@ -114,25 +120,23 @@ def prepare_run_dir(cfg: TrainConfig, run_url: str) -> None:
     if cfg.finetune.init:
         ckpt.require_complete(cfg.finetune.init)
     try:
-        rundir.write_text_atomic(rundir.join(run_url, "config.json"), config_text(cfg) + "\n")
+        storage.write_text_atomic(storage.join(run_url, "config.json"), config_text(cfg) + "\n")
     except FileNotFoundError:
         raise FileNotFoundError(f"cannot write the run dir {run_url}: its bucket or parent does not exist") from None
-    snapshot = rundir.join(run_url, "checkpoints", SNAPSHOT)
-    fs, path = rundir.fs_for(snapshot)
-    if fs.exists(path):
-        fs.rm(path)
+    storage.rm(storage.join(run_url, "checkpoints", SNAPSHOT))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the training to cfg.run.steps (resuming RUN if it has checkpoints)."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from linearsr.trainer.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
     run_url = cfg.run_url
+    storage.configure(cfg.storage)
     check_address(cfg.cluster.address)  # before anything is written
     prepare_run_dir(cfg, run_url)
     where = connect(cfg.cluster.address)
@@ -145,6 +149,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_url": run_url},
+        torch_config=TorchConfig(backend=process_group_backend(cfg.cluster.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(

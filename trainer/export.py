@@ -17,6 +17,7 @@ from pathlib import Path
 
 from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
+from linearsr.trainer.zero import consolidate
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,18 @@ def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) 
     model = LinearSR(ModelConfig.from_dict(meta["config"]["model"]))
     tmp = tempfile.mkdtemp(prefix="linearsr-export-")
     try:
-        local = ckpt.download_dir(ckpt_url, tmp)
+        wanted = (lambda rel: rel == ckpt.EMA_FILE) if ema else (lambda rel: rel.startswith(ckpt.TAG + "/"))
+        local, problems = ckpt.fetch(ckpt_url, tmp, keep=wanted)
+        if problems:
+            raise ValueError(f"checkpoint {ckpt_url} does not match its {ckpt.MARKER} list ({'; '.join(problems[:3])}); "
+                             "export an earlier one")
         if ema:
             ema_file = Path(local) / ckpt.EMA_FILE
             if not ema_file.is_file():
                 raise FileNotFoundError(f"checkpoint {ckpt_url} has no EMA weights (the run had optim.ema_decay = 0)")
             state = load_file(str(ema_file))
         else:
-            state = ckpt.consolidate(local)
+            state = consolidate(local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     model.load_state_dict(state)

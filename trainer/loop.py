@@ -6,8 +6,11 @@ Per optimizer step: grad_accum micro-batches of the flow-matching loss at t draw
 `cfg.flow.sample_t` (only inside the fine-tune interval when one is set). Every
 `validation.every` steps: validation per log-SNR interval, one metrics.jsonl record and
 TensorBoard scalars (rank 0); every `checkpoint.every` steps (and at the last step) a checkpoint
-through `ray.train.report`. On start the newest complete checkpoint of RUN is resumed (step,
-samples, optimizer, schedule, RNG, data stream); otherwise `finetune.init` supplies the weights."""
+through `ray.train.report`. On start the newest complete checkpoint of RUN whose files match their
+checksums is resumed exactly (step, samples, weights, optimizer, LR schedule, EMA, every RNG and
+the data position: the run continues as if it had not stopped); a checkpoint that fails
+verification is marked CORRUPT and the previous one is taken. Otherwise `finetune.init` supplies
+the weights. Collectives run on the engine's device (trainer/collectives.py)."""
 
 from __future__ import annotations
 
@@ -20,14 +23,17 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from linearsr.codeid import code_id
+from linearsr.core import storage
 from linearsr.data.shards import stable_hash
 from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
-from linearsr.trainer import configlib, rundir
+from linearsr.trainer import configlib, rundir, zero
+from linearsr.trainer.collectives import all_min, all_sum, broadcast, broadcast_tensors, gather
 from linearsr.trainer.config import TrainConfig, config_text
 from linearsr.trainer.engine import EMA, build_engine, current_lr, grad_norm, init_distributed
 
@@ -47,18 +53,6 @@ def _setup_logging(rank: int) -> None:
         logger.propagate = False
 
 
-def _gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class Trainer:
     """State of one worker's run; methods in the order the loop calls them."""
 
@@ -72,15 +66,15 @@ class Trainer:
         _setup_logging(self.rank)
         if not cfg.cluster.use_gpu:  # one thread per CPU Ray gave us: more threads spin against each other
             torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+        storage.configure(cfg.storage)
         init_distributed(cfg.cluster.use_gpu)
         self.device = ray.train.torch.get_device()
         self.interval = cfg.interval
         self.step = 0
         self.samples = 0
-        from linearsr.data.s3 import retry_count
-
-        self.retry_base = retry_count()
+        self.retry_base = storage.retry_count()
         self.tmp_dirs: list[str] = []
+        self.data_state: dict | None = None  # this rank's data position from the resumed checkpoint
 
     # ------------------------------------------------------------------ setup
 
@@ -91,65 +85,99 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = LinearSR(cfg.model)
         resume = self._resume_point()
+        world_changed = resume is not None and resume[2]["world_size"] != self.world
         if resume is None and cfg.finetune.init:
-            self._load_init_weights(model, cfg.finetune.init)
-        self.engine, _ = build_engine(cfg, model)
+            self._load_weights(model, cfg.finetune.init, self._init_weights)
+        elif world_changed:
+            self._load_weights(model, resume[0], lambda _url: zero.consolidate(resume[1]))
+        self.engine, self.scheduler = build_engine(cfg, model)
         self.model = self.engine.module.model
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.gen = torch.Generator().manual_seed(stable_hash("t", cfg.run.seed, self.rank) >> 1)
         torch.manual_seed(stable_hash("torch", cfg.run.seed, self.rank) >> 1)
         random.seed(stable_hash("python", cfg.run.seed, self.rank))
+        np.random.seed(stable_hash("numpy", cfg.run.seed, self.rank) >> 32)
         self.meta = None
         if resume is not None:
-            self._load_resume(resume)
+            self._load_resume(*resume, world_changed=world_changed)
         self.start_step = self.step
         if self.rank == 0:
             self._open_outputs()
         dist.barrier()
 
-    def _resume_point(self) -> str | None:
-        """Rank 0 picks the newest complete checkpoint of this run; every rank gets its URL."""
+    def _resume_point(self) -> tuple[str, str, dict] | None:
+        """(URL, local folder, meta) of the newest complete checkpoint whose files this run can
+        read and that match COMPLETE's sizes and checksums on every rank. Each rank fetches only
+        the files it needs. One that fails is marked CORRUPT (with why) and the next older is tried."""
         import ray.train
 
-        found = None
+        candidates = None
         if self.rank == 0:
-            found = ckpt.latest_complete(self.run_url, remove_incomplete=True)
+            candidates = [f.url for f in ckpt.complete_newest_first(self.run_url, remove_incomplete=True)]
             ray_ckpt = ray.train.get_checkpoint()
-            if ray_ckpt is not None and (found is None or not ray_ckpt.path.rstrip("/").endswith(ckpt.name_of(found.step))):
-                log.warning("Ray's latest checkpoint %s is not complete; using %s instead", ray_ckpt.path,
-                            found.url if found else "none (fresh start)")
-        url = _broadcast(found.url if found else None)
-        if url:
-            log.info("resuming from %s", url)
-        return url
+            newest = candidates[0].rsplit("/", 1)[-1] if candidates else None
+            if ray_ckpt is not None and not ray_ckpt.path.rstrip("/").endswith(str(newest)):
+                log.warning("Ray's latest checkpoint %s is not the newest complete one; using %s instead", ray_ckpt.path,
+                            candidates[0] if candidates else "none (fresh start)")
+        for url in broadcast(candidates):
+            meta = ckpt.read_meta(url)
+            same_world = meta["world_size"] == self.world
+            local, problems = ckpt.fetch(url, self._tmp("linearsr-resume-"),
+                                         keep=lambda rel: zero.rank_needs(rel, self.rank, same_world))
+            bad = [f"rank {r}: {p}" for r, ps in enumerate(gather(problems)) for p in ps]
+            if not bad:
+                log.info("resuming from %s%s", url, "" if same_world else
+                         f" (saved by {meta['world_size']} workers, now {self.world}: see docs/operations.md, resume)")
+                return url, local, meta
+            if self.rank == 0:
+                log.error("checkpoint %s does not match its %s list (%s); marking it %s and taking the one before",
+                          url, ckpt.MARKER, "; ".join(bad[:3]), ckpt.CORRUPT)
+                ckpt.mark_corrupt(url, "; ".join(bad[:5]))
+            dist.barrier()
+        return None
 
-    def _load_init_weights(self, model, init_url: str) -> None:
-        """Fine-tune start: weights only from a checkpoint of any ZeRO stage / world size."""
+    def _init_weights(self, init_url: str) -> dict[str, torch.Tensor]:
+        """Rank 0's view of a fine-tune start: the --init checkpoint's weights (any ZeRO stage / world size)."""
         from linearsr.model.config import ModelConfig
 
         ckpt.require_complete(init_url)
-        meta = ckpt.read_meta(init_url)
-        theirs = ModelConfig.from_dict(meta["config"]["model"])
+        theirs = ModelConfig.from_dict(ckpt.read_meta(init_url)["config"]["model"])
         if theirs != self.cfg.model:
             raise ValueError(f"--init checkpoint {init_url} has another model config: {'; '.join(theirs.diff(self.cfg.model))}")
-        local = ckpt.download_dir(init_url, self._tmp("linearsr-init-"))
-        model.load_state_dict(ckpt.consolidate(local))
-        log.info("initialised weights from %s (step %s); optimizer and schedule start fresh", init_url, meta.get("step"))
+        local, problems = ckpt.fetch(init_url, self._tmp("linearsr-init-"), keep=lambda rel: rel.startswith(ckpt.TAG + "/"))
+        if problems:
+            raise ValueError(f"--init checkpoint {init_url} does not match its {ckpt.MARKER} list ({'; '.join(problems[:3])})")
+        ckpt.pin(init_url, by=self.run_url, why="the --init of this fine-tune")
+        return zero.consolidate(local)
 
-    def _load_resume(self, url: str) -> None:
-        local = ckpt.download_dir(url, self._tmp("linearsr-resume-"))
-        with ckpt.weights_only_loads():
-            path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
-        if path is None:
-            raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
-        self.meta = rundir.read_json(os.path.join(local, ckpt.META))
-        state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
-        ckpt.restore_rank_state(state, self.gen)
-        self.step, self.samples = int(self.meta["step"]), int(self.meta["samples"])
+    def _load_weights(self, model, url: str, read) -> None:
+        """Weights only: rank 0 reads them once (`read(url)`), every other rank gets them by broadcast."""
+        if self.rank == 0:
+            model.load_state_dict(read(url))
+        broadcast_tensors(model.state_dict(), self.device)
+        log.info("weights from %s; optimizer and its moments start fresh", url)
+
+    def _load_resume(self, url: str, local: str, meta: dict, world_changed: bool) -> None:
+        self.meta = meta
+        self.step, self.samples = int(meta["step"]), int(meta["samples"])
+        if world_changed:  # weights came consolidated; the schedule follows the step
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()
+        else:
+            with zero.weights_only_loads():
+                path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
+            state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
+            ckpt.restore_rank_state(state, self.gen)
+            self.data_state = state.get("data")
         if self.ema is not None:
             from safetensors.torch import load_file
 
-            self.ema.load_state_dict(load_file(os.path.join(local, ckpt.EMA_FILE)))
+            if self.rank == 0 or not world_changed:
+                self.ema.load_state_dict(load_file(os.path.join(local, ckpt.EMA_FILE)))
+            if world_changed:
+                broadcast_tensors(self.ema.shadow, self.device)
 
     def _open_outputs(self) -> None:
         from linearsr.trainer.tb import TBWriter
@@ -180,7 +208,7 @@ class Trainer:
         filler = next(self.train_iter)
         self.pending = [filler]
         val_loader = make_val_loader(self.cfg.data, self.rank, self.world)
-        self.val_batches = collect(val_loader, self.model, self.cfg.validation.max_batches, filler)
+        self.val_batches = collect(val_loader, self.model, self.cfg.validation.max_batches, filler, self.device)
         self.val_retries = val_loader.retries  # made in its worker processes (which end here)
 
     # ------------------------------------------------------------------ training
@@ -257,21 +285,19 @@ class Trainer:
     # ------------------------------------------------------------------ validation, metrics, checkpoints
 
     def validate_and_record(self, save: bool) -> None:
-        from linearsr.data.s3 import retry_count
         from linearsr.trainer.validate import evaluate
 
         cfg = self.cfg
         elapsed = time.perf_counter() - self.win_start
-        window = torch.tensor([sum(self.win_loss), len(self.win_loss), self.win_wait, elapsed], dtype=torch.float64)
-        dist.all_reduce(window)
-        t_range = torch.tensor([self.t_seen[0], -self.t_seen[1]], dtype=torch.float64)
-        dist.all_reduce(t_range, op=dist.ReduceOp.MIN)
+        loss_sum, loss_n, wait, elapsed_sum = all_sum([sum(self.win_loss), len(self.win_loss), self.win_wait, elapsed],
+                                                      self.device)
+        t_min, neg_t_max = all_min([self.t_seen[0], -self.t_seen[1]], self.device)
         val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
-        # S3 retries: this process's (checkpoints, metrics, TensorBoard, and the loaders when they have no
+        # storage retries: this process's (checkpoints, metrics, TensorBoard, and the loaders when they have no
         # worker processes) plus those of the loaders' worker processes
         workers = self.train_loader.retries + self.val_retries if cfg.data.num_workers else 0
-        retries = retry_count() - self.retry_base + workers
-        skips = _gather((self.train_loader.skips, retries))
+        retries = storage.retry_count() - self.retry_base + workers
+        skips = gather((self.train_loader.skips, retries))
         data_skips: dict[str, int] = {}
         for s, _ in skips:
             for reason, n in s.items():
@@ -280,7 +306,7 @@ class Trainer:
             "step": self.step,
             "samples": self.samples,
             "wall_time": time.time(),
-            "train_loss": window[0].item() / max(1.0, window[1].item()),
+            "train_loss": loss_sum / max(1.0, loss_n),
             "val_loss": val_loss,
             "val_loss_by_interval": by_interval,
             "lr": current_lr(self.engine),
@@ -288,10 +314,10 @@ class Trainer:
             "samples_per_s": (self.samples - self.win_samples) / max(1e-9, elapsed),
             "data_skips": data_skips,
             "checkpoint": ckpt.url_of(self.run_url, self.step) if save else None,
-            "data_wait_frac": window[2].item() / max(1e-9, window[3].item()),
+            "data_wait_frac": wait / max(1e-9, elapsed_sum),
             "storage_retries": sum(r for _, r in skips),
-            "t_min": t_range[0].item(),
-            "t_max": -t_range[1].item(),
+            "t_min": t_min,
+            "t_max": -neg_t_max,
             "t_interval": self.interval.key if self.interval else None,
             "start_step": self.start_step,  # where this attempt began: 0, or the checkpoint it resumed
             "skipped_steps": int(self.engine.skipped_steps),  # optimizer steps DeepSpeed dropped (non-finite grads)
@@ -326,8 +352,9 @@ class Trainer:
         return image_grid(lr, one, many, vb.hr[:n]) if self.rank == 0 else None
 
     def save(self, record: dict) -> None:
-        """Every rank saves its shards into a local temp dir; Ray uploads them into one folder;
-        after all uploads rank 0 checks the files and writes the COMPLETE marker."""
+        """Every rank saves its shards into a local temp dir and hashes them; Ray uploads them into
+        one folder; after all uploads rank 0 checks the files and writes COMPLETE with every file's
+        size and sha256."""
         import ray.train
 
         cfg = self.cfg
@@ -346,15 +373,19 @@ class Trainer:
                 from safetensors.torch import save_file
 
                 save_file(self.ema.state_dict(), os.path.join(local, ckpt.EMA_FILE))
-        files = sorted(set().union(*_gather(ckpt.local_files(local))))
+        files: dict[str, dict] = {}
+        for rank, digests in enumerate(gather(ckpt.digest_files(local))):
+            for rel, info in digests.items():
+                if files.setdefault(rel, info) != info:
+                    raise RuntimeError(f"ranks wrote different {rel} into checkpoint step {self.step} (rank {rank} differs)")
         url = record["checkpoint"]
 
         def upload(checkpoint, dir_name: str):
             assert dir_name == ckpt.name_of(self.step), dir_name
-            ckpt.upload_dir(checkpoint.path, url)
-            storage = ray.train.get_context().get_storage()
-            return ray.train.Checkpoint(path=storage.build_checkpoint_path_from_name(dir_name),
-                                        filesystem=storage.storage_filesystem)
+            storage.upload_dir(checkpoint.path, url)
+            ray_storage = ray.train.get_context().get_storage()
+            return ray.train.Checkpoint(path=ray_storage.build_checkpoint_path_from_name(dir_name),
+                                        filesystem=ray_storage.storage_filesystem)
 
         ray.train.report({"step": self.step, "val_loss": record["val_loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(local),
@@ -362,7 +393,7 @@ class Trainer:
         self.maybe_die(during_checkpoint=True)
         dist.barrier()  # every rank's upload is done
         if self.rank == 0:
-            ckpt.write_marker(url, files)
+            ckpt.write_marker(url, files, self.step)
             ckpt.apply_retention(self.run_url, cfg.checkpoint.keep)
         shutil.rmtree(local, ignore_errors=True)
         self.tmp_dirs.remove(local)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from linearsr.data.shards import stable_hash
+from linearsr.trainer.collectives import all_max, all_sum
 from linearsr.model.flow import FlowConfig, Interval
 
 
@@ -38,18 +38,16 @@ def fixed_noise(model, lr: torch.Tensor, keys: list[str]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def collect(val_loader, model, max_batches: int, filler: dict) -> list[ValBatch]:
+def collect(val_loader, model, max_batches: int, filler: dict, device: torch.device) -> list[ValBatch]:
     """This rank's first `max_batches` val batches (kept in memory), padded with weight-0 copies
-    of `filler` (a train batch) to the largest count over the ranks."""
+    of `filler` (a train batch) to the largest count over the ranks (`device`: the group's)."""
     batches = []
     for b in val_loader:
         batches.append(ValBatch(b["hr"], b["lr"], b["tags"], fixed_noise(model, b["lr"], b["key"])))
         if len(batches) >= max_batches:
             break
-    count = torch.tensor([len(batches)], dtype=torch.long)
-    if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    while len(batches) < int(count.item()):
+    count = int(all_max([len(batches)], device)[0])
+    while len(batches) < count:
         src = batches[0] if batches else ValBatch(filler["hr"], filler["lr"], filler["tags"],
                                                   fixed_noise(model, filler["lr"], filler["key"]))
         batches.append(ValBatch(src.hr, src.lr, src.tags, src.noise, weight=0.0))
@@ -65,7 +63,7 @@ def evaluate(engine, batches: list[ValBatch], flow: FlowConfig, finetune: Interv
              device: torch.device) -> tuple[float, dict[str, float]]:
     """(val_loss, {interval.key: loss}) summed over every rank's samples. NaN/inf propagate."""
     intervals = intervals_for(flow, finetune)
-    sums = torch.zeros(len(intervals) + 1, dtype=torch.float64)  # per interval, then the sample count
+    sums = [0.0] * (len(intervals) + 1)  # per interval, then the sample count
     was_training = engine.module.training
     engine.eval()
     for vb in batches:
@@ -77,10 +75,9 @@ def evaluate(engine, batches: list[ValBatch], flow: FlowConfig, finetune: Interv
                 sums[i] += vb.weight * loss.sum().item() / flow.val_points_per_interval
         sums[-1] += vb.weight * hr.shape[0]
     engine.train(was_training)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    n = max(1.0, sums[-1].item())
-    by_interval = {iv.key: sums[i].item() / n for i, iv in enumerate(intervals)}
+    sums = all_sum(sums, device)
+    n = max(1.0, sums[-1])
+    by_interval = {iv.key: sums[i] / n for i, iv in enumerate(intervals)}
     if finetune is not None:
         return by_interval[finetune.key], by_interval
     masses = [flow.mass(iv) for iv in intervals]
