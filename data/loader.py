@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from linearsr.data import s3
 from linearsr.data.config import DataConfig
-from linearsr.data.degrade import degrade
+from linearsr.data.degradations import degrade
 from linearsr.data.reader import Stats, decode, read_shard
 from linearsr.data.shards import read_manifest, shard_list, stable_hash
 
@@ -138,8 +138,7 @@ class ShardStream(IterableDataset):
             if cfg.augment:
                 arr = np.rot90(arr[:, ::-1] if rng.random() < 0.5 else arr, k=rng.randrange(4))
             hr = to_tensor(arr)
-            g = torch.Generator().manual_seed(rng.getrandbits(63))
-            batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, generator=g), tags, key))
+            batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, rng.getrandbits(63)), tags, key))
             stats.samples += 1
             if len(batch) == cfg.batch_size:
                 yield _batch(batch, stats)
@@ -171,7 +170,7 @@ class ShardStream(IterableDataset):
                 key = sample["__key__"]
                 hr = to_tensor(crop_array(decoded[0], cfg.val_crop, None))
                 seed = stable_hash("val", cfg.val_seed, key) >> 1
-                batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, seed=seed), decoded[1], key))
+                batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, seed), decoded[1], key))
                 stats.samples += 1
                 if len(batch) == (cfg.val_batch_size or cfg.batch_size):
                     yield _batch(batch, stats)

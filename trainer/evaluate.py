@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from linearsr.data.config import DegradationConfig
-from linearsr.data.degrade import bicubic_down, degrade, modcrop
+from linearsr.data.degrade import bicubic_down, modcrop
+from linearsr.data.degradations import degrade
 from linearsr.model.bundle import load_bundle
 from linearsr.model.sampler import MoE, sample
 from linearsr.trainer.quality import LPIPS, lpips_weights_path, psnr_y, ssim_y

@@ -19,7 +19,7 @@ from linearsr.data.reader import iter_samples
 
 def _cfg(root: str, **kw) -> DataConfig:
     base = dict(shards=root, crop=32, scale=4, batch_size=4, num_workers=0, shuffle_buffer=8, val_crop=32,
-                degradation=DegradationConfig(second_order_prob=1.0))
+                degradation=DegradationConfig())
     return DataConfig(**{**base, **kw})
 
 
