@@ -139,6 +139,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # crops held in each worker's shuffle buffer
     crops_per_image: int = 1  # random train crops per decoded image (decoding a big photo costs more than a crop)
     augment: bool = True  # random flips and 90-degree rotations of the train crops
+    degrade_on: Literal["device", "loader"] = "device"  # where train LRs are synthesised (data/README.md)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     max_tags: int = 8
     val_crop: int = 256  # fixed center crop of each validation image

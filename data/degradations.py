@@ -296,7 +296,7 @@ def synthesize(hr: torch.Tensor, cfg: DegradationConfig, scale: int,
                seeds: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(HR target, LR, params) of a batch: the HR is unsharp-masked first when cfg.usm_hr (the LR is
     then made from the sharpened HR, as Real-ESRNet's gt_usm)."""
-    if cfg.usm_hr and cfg.mode == "realistic":
+    if cfg.usm_hr:
         hr = usm_sharpen(hr.float())
     lr, params = degrade_batch(hr, cfg, scale, seeds)
     return hr, lr, params
