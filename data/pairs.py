@@ -40,13 +40,13 @@ def match(hr: list[tuple[str, str]], lr: list[tuple[str, str]], lr_dir: str,
     return pairs, bad
 
 
-def scale_of(name: str, hr_size: tuple[int, int], lr_size: tuple[int, int], want: int | None) -> int:
-    """The integer scale from LR (w, h) to HR (w, h); ValueError naming the file when there is none
-    or it is not `want`."""
+def scale_of(hr_size: tuple[int, int], lr_size: tuple[int, int], want: int | None) -> int:
+    """The integer scale from LR (w, h) to HR (w, h); ValueError (the caller names the file) when
+    there is none or it is not `want`."""
     (hw, hh), (lw, lh) = hr_size, lr_size
     if lw < 1 or lh < 1 or hw % lw or hh % lh or hw // lw != hh // lh:
-        raise ValueError(f"{name}: HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh} (non-integer scale)")
+        raise ValueError(f"HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh} (non-integer scale)")
     s = hw // lw
     if want is not None and s != want:
-        raise ValueError(f"{name}: HR {hw}x{hh} / LR {lw}x{lh} is x{s}, the other pairs are x{want}")
+        raise ValueError(f"HR {hw}x{hh} / LR {lw}x{lh} is x{s}, the other pairs are x{want}")
     return s

@@ -270,11 +270,11 @@ class _ShardWriter:
         self.tar = None
 
 
-def _lr_png(lr_fs, url: str, rel: str, hr_size: tuple[int, int], scale: int | None) -> tuple[bytes, int]:
+def _lr_png(lr_fs, url: str, hr_size: tuple[int, int], scale: int | None) -> tuple[bytes, int]:
     """(PNG bytes, scale) of the LR partner of HR `rel`; ValueError naming the file for a bad pair."""
     raw = with_retries(lambda: lr_fs.cat_file(url), f"read {url}")
     data, ext, size = prepare_image(raw, None)
-    s = pairs.scale_of(rel, hr_size, size, scale)
+    s = pairs.scale_of(hr_size, size, scale)
     if ext != "png":
         buf = io.BytesIO()
         Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
@@ -346,7 +346,7 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
                 image, ext, (w, h) = prepare_image(raw, max_side)
                 lr_png = None
                 if rel in partners:
-                    lr_png, scale = _lr_png(lr_fs, partners[rel], rel, (w, h), scale)
+                    lr_png, scale = _lr_png(lr_fs, partners[rel], (w, h), scale)
             except Exception as e:  # any undecodable / unreadable source or bad pair is listed, not fatal
                 log.warning("skipping %s: %s", rel, describe(e))
                 skipped.append({"source": rel, "error": describe(e)})
