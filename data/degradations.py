@@ -189,8 +189,9 @@ def _add_noise(x: torch.Tensor, noise: Noise, seed: int, stream: int) -> tuple[t
         added, std = z * (noise.level / 255.0), noise.level
     else:
         img = rgb_to_grayscale(x) if noise.gray else x
-        img = (img * 255.0).round().clamp(0, 255) / 255.0
-        vals = 2.0 ** math.ceil(math.log2(torch.unique(img).numel()))
+        levels = (img * 255.0).round().clamp(0, 255)
+        img = levels / 255.0
+        vals = 2.0 ** math.ceil(math.log2(int((torch.bincount(levels.flatten().long(), minlength=256) > 0).sum())))
         lam = img * vals
         added = ((lam + lam.sqrt() * z).round().clamp_min(0) / vals - img) * noise.level
         std = noise.level * math.sqrt(float(img.mean()) / vals) * 255.0

@@ -102,6 +102,18 @@ def test_no_sample_is_drawn_more_often_than_another(five_shards, world, workers)
                 reads[stream.shard(n)[0]] += 1
     rate = np.array([reads[url] for url, n in shards for _ in range(n)], dtype=float)  # per sample
     assert rate.max() / rate.mean() <= 1.15 and rate.min() / rate.mean() >= 0.85
+    # the baseline: shards split between readers first (shard i to rank i % world, then to its workers;
+    # a reader without a shard shares its rank's), each reader (DataLoader workers and ranks deliver
+    # alike) resampling its own share: the expected rate per sample
+    split = {url: 0.0 for url, _ in shards}
+    for rank in range(world):
+        mine = shards[rank::world] or shards
+        for w in range(workers):
+            share = mine[w::workers] or mine
+            for url, _ in share:
+                split[url] += 1 / sum(n for _, n in share)  # each reader reads samples at one rate
+    skew = np.array([split[url] for url, n in shards for _ in range(n)])
+    assert skew.max() / skew.mean() > (2.0 if workers > 1 else 1.05)  # what drawing from the full list fixes
 
 
 def _pairs(folder: Path, src: Path, every: int = 2) -> None:

@@ -10,20 +10,12 @@ from PIL import Image
 from skimage import data
 
 from linearsr.main import main
-from linearsr.model.bundle import save_expert, write_bundle
-from linearsr.model.config import ModelConfig
-from linearsr.model.flow import FULL_RANGE
-from linearsr.model.network import LinearSR
+from test_evaluate import tiny_bundle  # noqa: F401  (the fixture: a fresh cpu_tiny bundle)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    model = LinearSR(ModelConfig.preset("cpu_tiny"))
-    save_expert(root / "expert_0", model, {"step": 0, "interval": FULL_RANGE.key})
-    write_bundle(root, [{"interval": FULL_RANGE.key, "weights": "expert_0.safetensors", "val_loss": 1.0}], model.cfg)
-    return str(root)
+def bundle(tiny_bundle):
+    return str(tiny_bundle)
 
 
 @pytest.fixture(scope="module")
