@@ -136,7 +136,7 @@ class DataConfig:
     scale: int = 4
     batch_size: int = 8
     num_workers: int = 2
-    shuffle_buffer: int = 256  # crops held in each worker's shuffle buffer
+    shuffle_buffer: int = 256  # crops per shuffle block of each worker (data/README.md: the block shuffle)
     crops_per_image: int = 1  # random train crops per decoded image (decoding a big photo costs more than a crop)
     augment: bool = True  # random flips and 90-degree rotations of the train crops
     degrade_on: Literal["device", "loader"] = "device"  # where train LRs are synthesised (data/README.md)
@@ -173,5 +173,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.degrade_on not in ("device", "loader"):
+            raise ValueError(f"data.degrade_on must be \"device\" (the trainer makes the LR) or \"loader\" (the workers do), "
+                             f"got {self.degrade_on!r}")
         if self.s3_endpoint is not None and not self.s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"data.s3_endpoint must be an http(s) URL such as http://127.0.0.1:5000, got {self.s3_endpoint!r}")

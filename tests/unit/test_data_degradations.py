@@ -261,6 +261,8 @@ def test_config_errors_name_the_key():
         DegradationConfig(betag_range=(1.5, 4.0))
     with pytest.raises(ValueError, match=r"data\.degradation\.tags\.noise"):
         TagThresholds(noise=0)
+    with pytest.raises(ValueError, match=r"data\.degrade_on must be \"device\""):
+        DataConfig(degrade_on="gpu")
     with pytest.raises(ValueError, match=r"data\.max_skip_fraction"):
         DataConfig(max_skip_fraction=1.5)
     with pytest.raises(ValueError, match=r"data\.s3_endpoint"):
