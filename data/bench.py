@@ -1,9 +1,9 @@
 """`linearsr bench data`: can the CPUs of a GPU node feed base_x4? Every number is per CPU core
 (one torch thread), measured in this process on the same photos, so the ratios are fair:
 
-1. degradation: the realistic Real-ESRGAN LR of 512^2 crops, one sample per call (what a loader
-   worker would do per sample) vs one call per batch of 16 (the batched path the trainer runs on its
-   device with data.degrade_on = "device"), on this CPU.
+1. degradation: the realistic Real-ESRGAN LR of 512^2 crops, one sample per call vs one call per
+   batch of 16 (what a loader worker does with degrade_on = "loader", and the trainer on its device
+   with "device"), on this CPU.
 2. decode + random crop: the shards' PNGs with Pillow, and the same photos as JPEG q95 with Pillow
    vs libjpeg-turbo (simplejpeg, what the loader uses).
 3. supply / demand: base_x4's demand in samples/s per GPU from the step time (DESIGN.md's measured
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     demand = {"documented eager step (3 x 26.8 ms fwd)": 1000 / (3 * BASE_FORWARD_MS),
               "40 % MFU target": MFU_TARGET_TFLOPS / (3 * BASE_FORWARD_TFLOP)}
     supply = {"device, JPEG shards": CORES_PER_GPU * jpg_turbo, "device, PNG shards": CORES_PER_GPU * png,
-              "loader, JPEG shards": CORES_PER_GPU / (1 / jpg_turbo + 1 / one)}
+              "loader, JPEG shards": CORES_PER_GPU / (1 / jpg_turbo + 1 / batched)}  # a worker degrades whole batches
     print(f"\n3. base_x4 (512^2 crops, 1 crop per image), {CORES_PER_GPU:.0f} cores per GPU: supply / demand (goal >= 2)")
     print("   " + " " * 26 + "".join(f"{k:>42s}" for k in demand))
     print("   demand, samples/s per GPU " + "".join(f"{v:42.1f}" for v in demand.values()))

@@ -227,6 +227,8 @@ def test_degradation_tags_follow_the_thresholds():
               "jpeg": torch.tensor([100.0, 90.0, 60.0, 35.0])}
     assert degradation_tags(params, TagThresholds()) == [
         [], ["strong blur"], ["heavy noise"], ["strong blur", "heavy noise", "jpeg artifacts"]]
+    nan = torch.tensor([float("nan")])  # a real LR/HR pair: its degradation is unknown, so it earns no tag
+    assert degradation_tags({"blur": nan, "noise": nan, "jpeg": nan}, TagThresholds()) == [[]]
     strict = TagThresholds(blur=0.5, noise=0.5, jpeg=95)
     assert degradation_tags(params, strict)[1] == ["strong blur", "heavy noise", "jpeg artifacts"]
     cfg = from_dict(DataConfig, {"degradation": {"tags": {"blur": 1.5, "noise": 10, "jpeg": 40}}}, prefix="data")
