@@ -13,8 +13,8 @@ balanced; webdataset's split_by_node / split_by_worker split whole shards, which
 always finishes its batches in the worker, with seed = hash(val_seed, key): a sample's LR is the
 same every pass, for every rank layout and for either degrade_on.
 
-Faults are counted per worker; each item carries its worker's counters back to the main process,
-where `.skips` sums them. `DataQualityError` is raised when skipped / read passes
+Faults are counted per worker; each batch carries its worker's counters back to the main process,
+where `.skips` sums them (a train worker whose shard draws give nothing readable raises itself). `DataQualityError` is raised when skipped / read passes
 `max_skip_fraction` once `skip_check_after` samples were read.
 
 Exact resume: `TrainLoader.state_dict()` is the position of this rank's stream as of the batches
@@ -38,7 +38,7 @@ from linearsr.data.batches import Item, collate, crop_pair, finish_batch
 from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
 from linearsr.data.shards import read_manifest, shard_list, stable_hash
-from linearsr.data.stream import HEARTBEAT, DataQualityError, TrainStream
+from linearsr.data.stream import DataQualityError, TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,13 @@ __all__ = ["DataQualityError", "TrainLoader", "ValLoader", "make_train_loader", 
 
 
 def _batched(cfg: DataConfig, stats: Stats, size: int, finish: bool, partial: bool):
-    """A pipeline stage: (item or HEARTBEAT, state) -> batches (+ stats-only heartbeats), each with
-    the counters and the stream state after it."""
+    """A pipeline stage: (item, state) -> batches, each with the counters and the stream state after it.
+    Only batches travel (no stats-only items between them): DataLoader workers take turns item by
+    item, and an extra item would change whose batch comes next after a resume."""
     def stage(source):
         items: list[Item] = []
         state = None
         for item, state in source:
-            if item is HEARTBEAT:
-                yield {"_stats": stats.snapshot(), "_state": state}
-                continue
             items.append(item)
             if len(items) == size:
                 yield _emit(items, state)
@@ -74,7 +72,7 @@ def _batched(cfg: DataConfig, stats: Stats, size: int, finish: bool, partial: bo
 
 
 class ShardStream(IterableDataset):
-    """The per-worker pipeline; yields collated batches (plus stats-only heartbeats)."""
+    """The per-worker pipeline; yields collated batches (a finite stream ends with a stats-only item)."""
 
     def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], split: str, rank: int, world_size: int,
                  seed: int, start: dict | None = None):

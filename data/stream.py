@@ -33,9 +33,6 @@ from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
 from linearsr.data.shards import stable_hash
 
-HEARTBEAT = None  # a shard gave nothing usable: let the main process see the skips
-
-
 class DataQualityError(ValueError):
     """Too many samples were skipped: the data (or the storage) is broken, training would be biased."""
 
@@ -61,8 +58,8 @@ class TrainStream:
     def shard(self, n: int) -> tuple[str, int]:
         return self.shards[stable_hash("shard", *self.key, n) % len(self.shards)]
 
-    def _crops(self, after: tuple | None) -> Iterator[tuple[tuple, Item] | None]:
-        """(position, crop) after `after` in stream order, and HEARTBEATs."""
+    def _crops(self, after: tuple | None) -> Iterator[tuple[tuple, Item]]:
+        """(position, crop) after `after` in stream order."""
         cfg, stats = self.cfg, self.stats
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-open")
 
@@ -75,14 +72,12 @@ class TrainStream:
         try:
             while True:
                 (url, expected, future), nxt = nxt, open_shard(n + 1)
-                got = 0
                 for j, sample in enumerate(read_shard(url, expected, stats, None, cfg.s3_endpoint, cfg.retries, future.result)):
                     if _before((n, j), after) and (n, j) != tuple(after[:2]):
                         continue  # read before the resume point: skipped without decoding
                     decoded = decode(sample, stats, cfg.max_tags, cfg.scale)
                     if decoded is None:
                         continue
-                    got += 1
                     rng = random.Random(stable_hash("crop", *self.key, n, j))
                     for c in range(cfg.crops_per_image):
                         hr, lr = crop_pair(decoded.hr, decoded.lr, cfg.crop, cfg.scale, rng)
@@ -91,8 +86,6 @@ class TrainStream:
                         seed = rng.getrandbits(63)
                         if not _before((n, j, c), after):
                             yield (n, j, c), Item(hr, lr, decoded.tags, sample["__key__"], seed)
-                if not got:
-                    yield HEARTBEAT
                 n += 1
                 if stats.decoded == 0 and n - first >= 3 * len(self.shards):
                     raise DataQualityError(
@@ -104,18 +97,13 @@ class TrainStream:
                 future.result().close()
             pool.shutdown(wait=False)
 
-    def items(self) -> Iterator[tuple[Item | None, dict]]:
-        """(item or HEARTBEAT, this reader's state after it), endless."""
+    def items(self) -> Iterator[tuple[Item, dict]]:
+        """(item, this reader's state after it), endless."""
         b, after, taken = self.start["block"], self.start["after"], self.start["taken"]
         crops = self._crops(after)
-        replay = taken > 0  # heartbeats while refilling a half-emitted block were delivered before
         while True:
             size, block, last = block_size(self.cfg, b), [], after
             for x in crops:
-                if x is HEARTBEAT:
-                    if not replay:
-                        yield HEARTBEAT, {"block": b, "after": after, "taken": taken}
-                    continue
                 last = x[0]
                 block.append(x[1])
                 if len(block) == size:
@@ -127,4 +115,4 @@ class TrainStream:
                 state = {"block": b + 1, "after": list(last), "taken": 0} if done else \
                     {"block": b, "after": after, "taken": o + 1}
                 yield block[order[o]], state
-            b, after, taken, replay = b + 1, list(last), 0, False
+            b, after, taken = b + 1, list(last), 0
