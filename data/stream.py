@@ -42,8 +42,8 @@ def block_size(cfg: DataConfig, block: int) -> int:
 
 
 def _before(a: tuple, b: tuple | None) -> bool:
-    """a is at or before position b (None: the start, before everything)."""
-    return b is not None and tuple(a) <= tuple(b[:len(a)])
+    """Position a is at or before position b (None: the start, before everything)."""
+    return b is not None and tuple(a) <= tuple(b)
 
 
 class TrainStream:
@@ -73,8 +73,8 @@ class TrainStream:
             while True:
                 (url, expected, future), nxt = nxt, open_shard(n + 1)
                 for j, sample in enumerate(read_shard(url, expected, stats, None, cfg.s3_endpoint, cfg.retries, future.result)):
-                    if _before((n, j), after) and (n, j) != tuple(after[:2]):
-                        continue  # read before the resume point: skipped without decoding
+                    if after is not None and (n, j) < tuple(after[:2]):
+                        continue  # wholly before the resume point: skipped without decoding
                     decoded = decode(sample, stats, cfg.max_tags, cfg.scale)
                     if decoded is None:
                         continue
