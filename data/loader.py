@@ -27,10 +27,8 @@ whose batch was next); anything else is refused with a ValueError.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -39,8 +37,6 @@ from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
 from linearsr.data.shards import read_manifest, shard_list, stable_hash
 from linearsr.data.stream import DataQualityError, TrainStream
-
-log = logging.getLogger(__name__)
 
 STATE_FORMAT = "linearsr-loader/1"
 __all__ = ["DataQualityError", "TrainLoader", "ValLoader", "make_train_loader", "make_val_loader"]
