@@ -74,7 +74,7 @@ class Trainer:
         self.samples = 0
         self.retry_base = storage.retry_count()
         self.tmp_dirs: list[str] = []
-        self.data_state: dict | None = None  # this rank's data position from the resumed checkpoint
+        self.rank_state: dict | None = None  # this rank's random streams and data position, when resumed
 
     # ------------------------------------------------------------------ setup
 
@@ -168,9 +168,7 @@ class Trainer:
                 path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
             if path is None:
                 raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
-            state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
-            ckpt.restore_rank_state(state, self.gen)
-            self.data_state = state.get("data")
+            self.rank_state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
         if self.ema is not None:
             from safetensors.torch import load_file
 
@@ -198,18 +196,37 @@ class Trainer:
         return path
 
     def data(self) -> None:
-        from linearsr.data.loader import make_train_loader, make_val_loader
+        from linearsr.data.loader import make_val_loader
         from linearsr.trainer.validate import collect
 
-        # a resumed run continues with a new, deterministic stream (the loader resamples shards)
-        seed = stable_hash("data", self.cfg.run.seed, self.step) >> 33
-        self.train_loader = make_train_loader(self.cfg.data, self.rank, self.world, seed)
+        self.train_loader = self._train_loader()
         self.train_iter = iter(self.train_loader)
         filler = next(self.train_iter)
         self.pending = [filler]
         val_loader = make_val_loader(self.cfg.data, self.rank, self.world)
         self.val_batches = collect(val_loader, self.model, self.cfg.validation.max_batches, filler, self.device)
         self.val_retries = val_loader.retries  # made in its worker processes (which end here)
+        if self.rank_state is not None:  # last: setting the loaders up draws from torch's RNG (DataLoader seeds)
+            ckpt.restore_rank_state(self.rank_state, self.gen)
+
+    def _train_loader(self):
+        """The data stream: on resume exactly where the checkpoint left it (every rank's loader
+        position is in its state file); a fresh start, or a resume that cannot continue the old
+        stream (another world size or worker count), gets a deterministic stream of its own."""
+        from linearsr.data.loader import make_train_loader
+
+        cfg = self.cfg
+        seed = stable_hash("data", cfg.run.seed) >> 33
+        position = (self.rank_state or {}).get("data")
+        if position is not None:
+            try:
+                return make_train_loader(cfg.data, self.rank, self.world, seed, state=position)
+            except ValueError as e:
+                log.warning("the checkpoint's data position does not fit this run (%s); the data stream starts anew", e)
+        if self.step:
+            seed = stable_hash("data", cfg.run.seed, self.step) >> 33
+            log.info("step %d: a new data stream (seed %d), not the one before the checkpoint", self.step, seed)
+        return make_train_loader(cfg.data, self.rank, self.world, seed)
 
     # ------------------------------------------------------------------ training
 
@@ -361,10 +378,14 @@ class Trainer:
         import ray.train
 
         cfg = self.cfg
+        url = record["checkpoint"]
+        if self.rank == 0 and storage.exists(url):  # a damaged or interrupted save of this step: replaced whole
+            log.warning("replacing the earlier, unusable save of step %d at %s", self.step, url)
+            storage.rm(url, recursive=True)
         local = self._tmp("linearsr-ckpt-")
         self.engine.save_checkpoint(local, tag=ckpt.TAG)
         rundir.write_json(os.path.join(local, ckpt.state_file(self.rank)),
-                          ckpt.rank_state(self.gen, {"step": self.step, "train_samples": self.train_loader.samples}))
+                          ckpt.rank_state(self.gen, {"step": self.step, "data": self.train_loader.state_dict()}))
         if self.rank == 0:
             rundir.write_json(os.path.join(local, ckpt.META), {
                 "step": self.step, "samples": self.samples, "val_loss": record["val_loss"],
@@ -381,7 +402,6 @@ class Trainer:
             for rel, info in digests.items():
                 if files.setdefault(rel, info) != info:
                     raise RuntimeError(f"ranks wrote different {rel} into checkpoint step {self.step} (rank {rank} differs)")
-        url = record["checkpoint"]
 
         def upload(checkpoint, dir_name: str):
             assert dir_name == ckpt.name_of(self.step), dir_name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import uuid
 
 import pytest
@@ -17,6 +18,7 @@ from linearsr.model.flow import FlowConfig, Interval
 from linearsr.trainer import rundir
 from linearsr.core import storage
 from linearsr.trainer import checkpoint as ckpt
+from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -72,28 +74,51 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     """zero2: ZeRO-2, local run dir, worker 1 killed at step 30 (checkpoints every 20 steps).
+    zero2_clean: the same run, uninterrupted (in parallel with zero2).
+    resized: a copy of zero2 at step 60 whose newest checkpoint was then damaged, continued to
+             step 70 on ONE worker.
     zero3_s3: ZeRO-3, run dir on the local S3 server (in parallel with zero2), worker 1 killed
-              while saving the step-20 checkpoint (checkpoints every 10 steps).
+              while saving the step-20 checkpoint (checkpoints every 10 steps); then a 2-worker
+              fine-tune --init its last checkpoint. Both through a proxy that counts the bytes read.
     finetune: --init zero2's last checkpoint --t-interval=0,3 for 20 steps, then rerun to 30
               with a NaN loss injected from step 25 on."""
     tmp = tmp_path_factory.mktemp("train")
     r = Runs(ray_cluster)
     out = {"zero2": str(tmp / "zero2"), "zero3_s3": f"{s3_server.make_bucket('zero3')}/runs/zero3",
-           "finetune": str(tmp / "finetune"), "marker": str(tmp / "died")}
+           "finetune": str(tmp / "finetune"), "marker": str(tmp / "died"), "zero2_clean": str(tmp / "zero2-clean"),
+           "resized": str(tmp / "resized")}
     shards = f"data.shards={photo_shards}"
-    z2 = r.submit("zero2", shards, "run.steps=60", "checkpoint.every=20", "validation.image_every=30",
-                  "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={out['marker']}",
+    zero2 = [shards, "run.steps=60", "checkpoint.every=20", "validation.image_every=30"]
+    z2 = r.submit("zero2", *zero2, "faults.die_at_step=30", "faults.die_rank=1", f"faults.die_once_marker={out['marker']}",
                   "--run", out["zero2"])
+    clean = r.submit("zero2-clean", *zero2, "--run", out["zero2_clean"])
+    reads = FaultProxy(s3_server.endpoint).__enter__()  # forwards untouched, counts what is read
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", reads.url)  # the jobs get the endpoint of their submitter
     z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=10",
                   "validation.image_every=30", "faults.die_at_step=20", "faults.die_during_checkpoint=true",
                   f"faults.die_once_marker={out['marker']}-z3", "--run", out["zero3_s3"])
     r.wait(z2)
+    shutil.copytree(out["zero2"], out["resized"])
+    with open(os.path.join(ckpt.url_of(out["resized"], 60), "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "r+b") as f:
+        f.seek(-64, os.SEEK_END)  # the file keeps its size: only the checksum can tell
+        f.write(b"\0" * 64)
+    r.wait(r.submit("resized", shards, "run.steps=70", "checkpoint.every=10", "validation.image_every=0",
+                    "cluster.num_workers=1", "--run", out["resized"]))
+    out["resized_log"] = r.jobs.logs_tail(f"test-train-resized-{r.tag}", 100000)
     ft = [shards, "checkpoint.every=10", "validation.image_every=0", "--run", out["finetune"],
           "--init", ckpt.url_of(out["zero2"], 60), "--t-interval=0,3"]
     r.wait(r.submit("finetune", "run.steps=20", *ft))
     out["finetune_first"] = rundir.read_metrics(out["finetune"])
     r.wait(r.submit("finetune-more", "run.steps=30", "faults.nan_at_step=25", *ft))
     r.wait(z3)
+    z3_init = ckpt.url_of(out["zero3_s3"], 30)
+    r.wait(r.submit("init-from-s3", shards, "run.steps=10", "validation.image_every=0", "--init", z3_init,
+                    "--run", str(tmp / "init-from-s3")))
+    monkeypatch.undo()
+    reads.__exit__()
+    out["bytes_read"], out["z3_init"] = reads.bytes_served, z3_init
+    r.wait(clean)
     out["zero3_log"] = r.jobs.logs_tail(z3, 100000)
     return out
 
@@ -140,6 +165,34 @@ def test_killed_worker_resumes_from_last_checkpoint(zero2):
 
     assert [r["lr"] for r in records] == pytest.approx(
         [2e-3 * lr_factor(r["step"], 60, 5, "cosine", 1e-4 / 2e-3) for r in records])
+
+
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(zero2, runs):
+    """Killed at step 30, resumed from the step-20 checkpoint: the same data, the same random
+    streams, the same optimizer and schedule state, so every loss equals the uninterrupted run's
+    to the last digit (CPU runs are deterministic)."""
+    def losses(run):
+        return [(r["step"], r["train_loss"], r["val_loss"], r["val_loss_by_interval"], r["grad_norm"], r["samples"])
+                for r in rundir.read_metrics(run)]
+
+    assert [r["start_step"] for r in rundir.read_metrics(zero2)][-1] == 20  # it did resume
+    assert losses(zero2) == losses(runs["zero2_clean"])
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_a_new_world_size_resumes(runs):
+    """The newest checkpoint fails its checksum: it is marked CORRUPT with the reason and the one
+    before is used; that one was saved by 2 workers and is resumed by 1 (weights, step, schedule
+    and sample count kept; Adam moments and the data stream start anew: docs/operations.md)."""
+    run, log = runs["resized"], runs["resized_log"]
+    assert "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its sha256 in COMPLETE" in log
+    assert "marking it CORRUPT" in log and "saved by 2 workers, now 1" in log
+    assert "replacing the earlier, unusable save of step 60" in log and ckpt.is_complete(ckpt.url_of(run, 60))
+    records = rundir.read_metrics(run)
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60, 70]
+    assert [r["start_step"] for r in records][-3:] == [40, 40, 40]  # from 40; 60 retrained (no step twice)
+    assert records[-1]["samples"] == 40 * SAMPLES_PER_STEP + 30 * 4  # 2 workers' samples, then 1's
+    assert ckpt.read_meta(ckpt.url_of(run, 70))["world_size"] == 1
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
 
 
 def test_checkpoints_complete_and_named_in_metrics(zero2):
@@ -221,6 +274,25 @@ def test_zero3_on_s3_run_dir(zero3_s3):
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2
     assert rundir.read_json(f"{zero3_s3}/config.json")["deepspeed"]["zero_stage"] == 3
     assert any("tfevents" in name for name in storage.ls(f"{zero3_s3}/tb"))
+
+
+def test_each_checkpoint_file_is_read_once_on_resume_and_on_init(runs):
+    """Resume: each rank reads its own partition (not every rank every file). --init: rank 0
+    consolidates the checkpoint once and broadcasts the weights (not every rank of every job)."""
+    served = runs["bytes_read"]
+
+    def read(url: str, times) -> tuple[dict, dict]:
+        files = {rel: info["size"] for rel, info in ckpt.read_marker(url)["files"].items() if rel.startswith("ds/")}
+        assert sum("zero_pp_rank_" in rel for rel in files) == 4  # ZeRO-3 on 2 ranks: model + optimizer each
+        prefix = "/" + url[len("s3://"):] + "/"
+        return {rel: served[prefix + rel] for rel in files}, {rel: size * times(rel) for rel, size in files.items()}
+
+    # resumed from: a rank's own partitions once, the shared file (schedule, client state) once per rank
+    got, want = read(ckpt.url_of(runs["zero3_s3"], 10), lambda rel: 1 if "zero_pp_rank_" in rel else 2)
+    assert got == want
+    # initialised from, by a 2-worker fine-tune: every file once (rank 0 consolidates, then broadcasts)
+    got, want = read(runs["z3_init"], lambda rel: 1)
+    assert got == want
 
 
 def test_crash_while_saving_is_skipped_on_resume_with_a_reason(runs):

@@ -11,7 +11,7 @@ forwards everything untouched (requests are still counted). `fail_next(method, p
 the next n matching requests whatever the rates, `fail_for(method, path, seconds)` every matching
 request for that long (an outage of one prefix). `access_key_ids`
 holds the access key ids the clients signed their requests with (proof of which credentials
-a process really used).
+a process really used). `bytes_served` counts the body bytes GET answers carried, per object.
 
 Note: aiohttp (under s3fs) re-sends an idempotent request once, silently, when its connection is
 dropped before an answer (RFC 9112 9.3.1), so a "reset" reaches the client's own retry loop only
@@ -43,6 +43,7 @@ class FaultProxy:
         self.rates = {"reset": reset, "slowdown": slowdown, "truncate": truncate}
         self.methods = set(methods)
         self.counts: Counter = Counter()
+        self.bytes_served: Counter = Counter()  # object path (/bucket/key) -> body bytes of the GETs answered
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[list] = []
@@ -98,6 +99,8 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if self.command == "GET":
+                    proxy._served(self.path, len(data))
                 self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
@@ -165,6 +168,10 @@ class FaultProxy:
         if "Credential=" in authorization:
             with self._lock:
                 self.access_key_ids.add(authorization.split("Credential=", 1)[1].split("/", 1)[0])
+
+    def _served(self, path: str, n: int) -> None:
+        with self._lock:
+            self.bytes_served[urlsplit(path).path] += n
 
     def _count(self, kind: str) -> None:
         with self._lock:
