@@ -116,7 +116,7 @@ def prepare_run_dir(cfg: TrainConfig, run_url: str) -> None:
     from linearsr.data.shards import read_manifest
     from linearsr.trainer import checkpoint as ckpt
 
-    read_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries)
+    read_manifest(cfg.data.shards, cfg.data.s3_endpoint)
     if cfg.finetune.init:
         ckpt.require_complete(cfg.finetune.init)
     try:

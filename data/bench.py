@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from linearsr.data import s3, s3local
+from linearsr.core import storage
+from linearsr.data import s3local
 from linearsr.data.batches import crop_pair, to_tensor
 from linearsr.data.config import DataConfig, DegradationConfig
 from linearsr.data.degradations import degrade_batch
@@ -160,7 +161,7 @@ def _loader_rounds(args: argparse.Namespace, manifest: dict) -> None:
         os.environ.update(server.env())  # DataLoader workers inherit it
         try:
             bucket = server.make_bucket("bench")
-            s3.s3_filesystem(server.endpoint).put(args.shards, f"{bucket[5:]}/shards", recursive=True)
+            storage.s3_filesystem(server.endpoint).put(args.shards, f"{bucket[5:]}/shards", recursive=True)
             remote = dataclasses.replace(disk, shards=f"{bucket}/shards", s3_endpoint=server.endpoint)
             results: dict[str, list[float]] = {"disk": [], "s3": []}
             for _ in range(args.rounds):  # alternating, so machine load hits both

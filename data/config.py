@@ -149,7 +149,6 @@ class DataConfig:
     max_skip_fraction: float = 0.05  # DataQualityError when skipped / read passes this ...
     skip_check_after: int = 200  # ... once this many samples were read (one early bad one is not fatal)
     s3_endpoint: str | None = None  # None: AWS_ENDPOINT_URL, else AWS
-    retries: int = 5  # per S3 request, exponential backoff
     prefetch_factor: int = 2
 
     def __post_init__(self):
@@ -168,7 +167,7 @@ class DataConfig:
             raise ValueError(f"data.val_batch_size must be >= 1 or null, got {self.val_batch_size}")
         if self.val_max_samples is not None and self.val_max_samples < 1:
             raise ValueError(f"data.val_max_samples must be >= 1 or null, got {self.val_max_samples}")
-        for name in ("num_workers", "shuffle_buffer", "retries", "skip_check_after"):
+        for name in ("num_workers", "shuffle_buffer", "skip_check_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:

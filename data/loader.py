@@ -112,7 +112,7 @@ class ShardStream(IterableDataset):
             offset += expected
             if a >= b:
                 continue
-            for sample in read_shard(url, expected, stats, (a, b), cfg.s3_endpoint, cfg.retries):
+            for sample in read_shard(url, expected, stats, (a, b), cfg.s3_endpoint):
                 decoded = decode(sample, stats, cfg.max_tags, cfg.scale)
                 if decoded is None:
                     continue
@@ -266,7 +266,7 @@ class ValLoader(_Loader):
 
 
 def _shards(cfg: DataConfig, split: str) -> list[tuple[str, int]]:
-    manifest = read_manifest(cfg.shards, cfg.s3_endpoint, cfg.retries)
+    manifest = read_manifest(cfg.shards, cfg.s3_endpoint)
     shards = shard_list(cfg.shards, manifest, split)
     if not shards:
         raise ValueError(f"shard root {cfg.shards} has no {split} shards; rebuild with "

@@ -25,7 +25,7 @@ import simplejpeg
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from linearsr.data import s3
+from linearsr.core import storage
 from linearsr.data.shards import describe, read_manifest, shard_list
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Stats:
         self.decoded = 0  # samples read and decoded (some may still sit in a shuffle buffer)
         self.samples = 0  # samples delivered in batches
         self.paired = 0  # of which with a real LR (KEY.lr.png) instead of a synthetic one
-        self._retry_base = s3.retry_count()  # forked workers inherit the parent's count
+        self._retry_base = storage.retry_count()  # forked workers inherit the parent's count
         self._warned: set = set()
 
     def skip(self, reason: str, n: int, where: str, detail: str) -> None:
@@ -57,19 +57,19 @@ class Stats:
 
     def snapshot(self) -> dict:
         return {"worker": self.worker, "skips": dict(self.skips), "decoded": self.decoded, "samples": self.samples,
-                "paired": self.paired, "retries": s3.retry_count() - self._retry_base}
+                "paired": self.paired, "retries": storage.retry_count() - self._retry_base}
 
 
 def read_shard(url: str, expected: int, stats: Stats, window: tuple[int, int] | None = None,
-               endpoint: str | None = None, retries: int = 5,
+               endpoint: str | None = None,
                opener: Callable[[], BinaryIO] | None = None) -> Iterator[dict]:
     """Raw samples {"__key__", "__url__", ext: bytes, ...} of one shard whose index lies in `window`
     (default: all `expected`), accounting every sample of the window that does not arrive.
-    `opener` (default: s3.open_url) lets a caller hand over a shard it opened ahead of time."""
+    `opener` (default: storage.open_read) lets a caller hand over a shard it opened ahead of time."""
     lo, hi = window or (0, expected)
     index = got = 0
     try:
-        stream = opener() if opener else s3.open_url(url, endpoint=endpoint, retries=retries)
+        stream = opener() if opener else storage.open_read(url, endpoint)
     except FileNotFoundError as e:
         stats.skip("missing_shard", hi - lo, url, str(e).splitlines()[0])
         return
@@ -142,11 +142,11 @@ def decode(sample: dict, stats: Stats, max_tags: int = 8, scale: int | None = No
     return Decoded(hr, tags, lr)
 
 
-def iter_samples(root: str, split: str = "train", endpoint: str | None = None, retries: int = 5,
+def iter_samples(root: str, split: str = "train", endpoint: str | None = None,
                  stats: Stats | None = None) -> Iterator[dict]:
     """Every raw sample of one split in manifest order: {"__key__", "__url__", "png"|"jpg": bytes, "json": bytes}.
     For tools that want the stored bytes (the tagger, tests); training uses the loaders."""
-    manifest = read_manifest(root, endpoint, retries)
+    manifest = read_manifest(root, endpoint)
     stats = stats or Stats()
     for url, expected in shard_list(root, manifest, split):
-        yield from read_shard(url, expected, stats, endpoint=endpoint, retries=retries)
+        yield from read_shard(url, expected, stats, endpoint=endpoint)

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from linearsr.data import pairs
-from linearsr.data.s3 import filesystem, with_retries
+from linearsr.core.storage import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def stable_hash(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def read_manifest(root: str, endpoint: str | None = None, retries: int = 5) -> dict:
+def read_manifest(root: str, endpoint: str | None = None) -> dict:
     """The manifest of a shard root, checked. Missing: FileNotFoundError saying how to make one."""
     fs, path = filesystem(join(root, MANIFEST), endpoint)
     try:
-        text = with_retries(lambda: fs.cat_file(path), f"read {join(root, MANIFEST)}", retries, endpoint)
+        text = with_retries(lambda: fs.cat_file(path), f"read {join(root, MANIFEST)}", endpoint)
     except FileNotFoundError as e:
         why = f" ({e})" if "bucket" in str(e).lower() else ""
         raise FileNotFoundError(
@@ -409,10 +409,10 @@ class _HashingReader:
 
 def _check_shard(url: str, entry: dict, endpoint: str | None) -> str | None:
     """What is wrong with one shard, in a phrase, or None."""
-    from linearsr.data.s3 import open_url
+    from linearsr.core.storage import open_read
 
     try:
-        f = open_url(url, endpoint)
+        f = open_read(url, endpoint)
     except FileNotFoundError:
         return "missing"
     with f:

@@ -27,7 +27,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from linearsr.data import s3
+from linearsr.core import storage
 from linearsr.data.batches import Item, augment, crop_pair
 from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
@@ -65,14 +65,14 @@ class TrainStream:
 
         def open_shard(n):  # the next shard is opened (and, on S3, starts downloading) while this one is decoded
             url, expected = self.shard(n)
-            return url, expected, pool.submit(s3.open_url, url, cfg.s3_endpoint, cfg.retries)
+            return url, expected, pool.submit(storage.open_read, url, cfg.s3_endpoint)
 
         n = first = after[0] if after else 0
         nxt = open_shard(n)
         try:
             while True:
                 (url, expected, future), nxt = nxt, open_shard(n + 1)
-                for j, sample in enumerate(read_shard(url, expected, stats, None, cfg.s3_endpoint, cfg.retries, future.result)):
+                for j, sample in enumerate(read_shard(url, expected, stats, None, cfg.s3_endpoint, future.result)):
                     if after is not None and (n, j) < tuple(after[:2]):
                         continue  # wholly before the resume point: skipped without decoding
                     decoded = decode(sample, stats, cfg.max_tags, cfg.scale)

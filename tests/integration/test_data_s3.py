@@ -9,7 +9,7 @@ import pytest
 import webdataset
 
 from linearsr.core import storage
-from linearsr.data import s3, s3local
+from linearsr.data import s3, s3local  # noqa: F401 (s3 registers webdataset's s3:// opener)
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
 from linearsr.data.reader import iter_samples
@@ -45,7 +45,7 @@ def test_build_and_read_back_through_s3_is_byte_identical(s3_bucket, make_images
 
 def test_s3_loader_counts_a_missing_shard(s3_bucket, tiny_shards):
     root = f"{s3_bucket}/tiny"
-    fs, _ = s3.filesystem(root)
+    fs, _ = storage.filesystem(root)
     fs.put(tiny_shards, root[len("s3://"):], recursive=True)
     manifest = read_manifest(root)
     gone = manifest["splits"]["val"]["shards"][0]
@@ -58,7 +58,7 @@ def test_s3_loader_counts_a_missing_shard(s3_bucket, tiny_shards):
 
 def test_reader_resumes_a_shard_after_a_dropped_request(s3_bucket, monkeypatch):
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
-    fs, _ = s3.filesystem(s3_bucket)
+    fs, _ = storage.filesystem(s3_bucket)
     data = bytes(range(256)) * 4096  # 1 MiB
     fs.pipe_file(f"{s3_bucket}/blob"[5:], data)
     real, failures = fs.cat_file, []
@@ -71,10 +71,10 @@ def test_reader_resumes_a_shard_after_a_dropped_request(s3_bucket, monkeypatch):
 
     monkeypatch.setattr(fs, "cat_file", cat_file)
     monkeypatch.setattr(storage, "CHUNK", 256 << 10)
-    before = s3.retry_count()
-    with s3.open_url(f"{s3_bucket}/blob") as f:
+    before = storage.retry_count()
+    with storage.open_read(f"{s3_bucket}/blob") as f:
         assert f.read() == data
-    assert failures and s3.retry_count() - before == 1
+    assert failures and storage.retry_count() - before == 1
 
 
 def test_missing_bucket_is_a_clear_error(s3_server):
@@ -130,11 +130,11 @@ def test_no_credentials_and_unreachable_endpoint_are_one_line_errors(s3_bucket, 
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    before = s3.retry_count()
+    before = storage.retry_count()
     assert main(["shards", "info", f"{s3_bucket}/shards"]) == 1
     err = capsys.readouterr().err.strip()
     assert "no AWS credentials found; set AWS_ACCESS_KEY_ID" in err and "\n" not in err
-    assert s3.retry_count() == before  # not worth retrying
+    assert storage.retry_count() == before  # not worth retrying
     monkeypatch.undo()
 
     monkeypatch.setattr(storage, "_settings", storage.StorageConfig(connect_budget_s=2))

@@ -18,7 +18,6 @@ import sys
 import pytest
 
 from linearsr.core import storage
-from linearsr.data import s3
 from linearsr.main import main
 from linearsr.trainer.rundir import write_json
 

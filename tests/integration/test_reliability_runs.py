@@ -27,7 +27,6 @@ import pytest
 from linearsr.ckpt_analysis.sidecar import Sidecar
 from linearsr.cluster.jobs import Jobs
 from linearsr.core import storage
-from linearsr.data import s3
 from linearsr.main import main
 from linearsr.trainer import checkpoint as ckpt
 from linearsr.trainer import rundir
@@ -58,7 +57,7 @@ def _submit(address: str, sid: str, endpoint: str, run: str, *overrides: str) ->
 @pytest.fixture(scope="module")
 def runs(ray_cluster, s3_server, tiny_shards):
     bucket = s3_server.make_bucket(f"reliab-{uuid.uuid4().hex[:8]}")
-    fs, _ = s3.filesystem(bucket)
+    fs, _ = storage.filesystem(bucket)
     fs.put(tiny_shards, f"{bucket[5:]}/shards", recursive=True)
     out = {"bucket": bucket, "storage": f"{bucket}/runs/storage", "diverge": f"{bucket}/runs/diverge",
            "sid_storage": f"reliab-storage-{uuid.uuid4().hex[:6]}", "sid_diverge": f"reliab-diverge-{uuid.uuid4().hex[:6]}"}
@@ -125,7 +124,7 @@ def test_a_minute_of_storage_outage_during_a_save_is_ridden_out_with_every_retry
     # every checkpoint is complete, and complete means every file its COMPLETE marker lists is there
     found = ckpt.list_checkpoints(runs["storage"])
     assert [(f.step, f.complete) for f in found] == [(10, True), (20, True), (30, True)]
-    fs, _ = s3.filesystem(runs["storage"])
+    fs, _ = storage.filesystem(runs["storage"])
     for f in found:
         prefix = f.url[len("s3://"):]
         present = {p[len(prefix) + 1:] for p in fs.find(prefix)} - {ckpt.MARKER}
@@ -162,7 +161,7 @@ def test_divergence_is_recorded_detected_and_stops_the_pretrain_before_any_later
     # TensorBoard: the marker at the divergence step beside the NaN train loss
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    fs, path = s3.filesystem(rundir.join(runs["diverge"], "tb"))
+    fs, path = storage.filesystem(rundir.join(runs["diverge"], "tb"))
     for f in fs.ls(path):
         fs.get_file(f, str(tmp_path / os.path.basename(f)))
     acc = EventAccumulator(str(tmp_path))
@@ -185,7 +184,7 @@ def test_credentials_never_appear_in_any_output(runs, ray_cluster, tmp_path_fact
     assert "forwarded environment: AWS_ACCESS_KEY_ID=***" in printed  # submit names what it forwards, never the value
     # ... and warns that Ray itself records and logs a forwarded job environment (see below)
     assert "linearsr submit: warning: --env AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: Ray keeps a job's environment" in printed
-    fs, _ = s3.filesystem(runs["bucket"])
+    fs, _ = storage.filesystem(runs["bucket"])
     files = fs.find(runs["bucket"][5:] + "/runs")
     for name in ("config.json", "metrics.jsonl", "meta.json", "COMPLETE", "tfevents", "state.json",
                  "decision.json", "curve.png"):

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from linearsr.data import s3
+from linearsr.core import storage
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
 from linearsr.data.reader import iter_samples
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def upload_shards(local_root: str, url: str) -> str:
-    fs, _ = s3.filesystem(url)
+    fs, _ = storage.filesystem(url)
     fs.put(local_root, url[len("s3://"):], recursive=True)
     return url
 
@@ -46,10 +46,10 @@ def test_loaders_through_faulty_storage_lose_and_duplicate_nothing(s3_bucket, s3
 
     # validation through the proxy: each sample exactly once, and every fault cost one counted retry
     with FaultProxy(s3_server.endpoint, reset=0.1, slowdown=0.15, truncate=0.15, seed=1) as proxy:
-        before = s3.retry_count()  # the manifest is read in this process, the shards in 2 workers
+        before = storage.retry_count()  # the manifest is read in this process, the shards in 2 workers
         val = make_val_loader(cfg(proxy.url))
         got = Counter(k for b in val for k in b["key"])
-        counted = s3.retry_count() - before + val.retries
+        counted = storage.retry_count() - before + val.retries
     assert got == Counter(val_keys) and val.skips == {}
     c = proxy.counts
     assert c["slowdown"] + c["truncate"] >= 1, c  # the seeded rates did inject faults
