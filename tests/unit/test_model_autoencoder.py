@@ -52,7 +52,7 @@ def test_latent_autoencoder_fits_the_model(tiny_vae_dir):
 
 def test_latent_errors(tmp_path, monkeypatch, tiny_vae_dir):
     with pytest.raises(FileNotFoundError, match="has no config.json.*model.autoencoder=pixel"):
-        LatentAutoencoder(tmp_path / "no_vae")
+        LatentAutoencoder.load(tmp_path / "no_vae")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ValueError, match=r"pip install 'linearsr\[latent\]'"):
-        LatentAutoencoder(tiny_vae_dir)
+        LatentAutoencoder.load(tiny_vae_dir)
