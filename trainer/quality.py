@@ -107,7 +107,8 @@ def _load_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with the AlexNet (default) or VGG16 backbone. forward(a, b): [B, 3, H, W] in [0, 1] -> [B]."""
+    """LPIPS v0.1 with the AlexNet (default) or VGG16 backbone. forward(a, b): [B, 3, H, W] in [0, 1] -> [B];
+    `score(a, prepare(b))` is the same with b's features computed once (a reference image)."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
@@ -123,13 +124,17 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = ((a * 2 - 1) - self.shift) / self.scale
-        b = ((b * 2 - 1) - self.shift) / self.scale
+    def prepare(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [_unit(f) for f in self.features(((x * 2 - 1) - self.shift) / self.scale)]
+
+    def score(self, a: torch.Tensor, ref: list[torch.Tensor]) -> torch.Tensor:
         total = 0
-        for lin, fa, fb in zip(self.lins, self.features(a), self.features(b)):
-            total = total + lin((_unit(fa) - _unit(fb)) ** 2).mean(dim=(2, 3))
+        for lin, fa, fb in zip(self.lins, self.prepare(a), ref):
+            total = total + lin((fa - fb) ** 2).mean(dim=(2, 3))
         return total.flatten()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.score(a, self.prepare(b))
 
     @classmethod
     def load(cls, path: str | None = None, net: str = "alex") -> "LPIPS":
@@ -149,7 +154,8 @@ class DISTS(nn.Module):
     """DISTS (Ding et al. 2020), the formula of the reference DISTS_pytorch 0.1: VGG16 with L2
     pooling, the image itself as stage 0; per channel a structure term (2 mu_a mu_b + c) / (mu_a^2 +
     mu_b^2 + c) and a texture term (2 cov_ab + c) / (var_a + var_b + c) over the whole map, weighted
-    by the learned alpha / beta. forward(a, b): [B, 3, H, W] in [0, 1] -> [B] (0 = identical)."""
+    by the learned alpha / beta. forward(a, b): [B, 3, H, W] in [0, 1] -> [B] (0 = identical);
+    `score(a, prepare(b))` is the same with b's features computed once."""
 
     CHANNELS = (3,) + VGG16Features.CHANNELS
     MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -164,9 +170,14 @@ class DISTS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def prepare(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x, *self.features((x - self.mean) / self.std)]
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        feats_a = [a, *self.features((a - self.mean) / self.std)]
-        feats_b = [b, *self.features((b - self.mean) / self.std)]
+        return self.score(a, self.prepare(b))
+
+    def score(self, a: torch.Tensor, feats_b: list[torch.Tensor]) -> torch.Tensor:
+        feats_a = self.prepare(a)
         total = self.alpha.sum() + self.beta.sum()
         alphas, betas = torch.split(self.alpha / total, self.CHANNELS, 1), torch.split(self.beta / total, self.CHANNELS, 1)
         c1 = c2 = 1e-6
