@@ -182,8 +182,11 @@ def scaling_rows(args, sizes: list[int]) -> list[dict]:
 def latent_rows(args) -> list[dict]:
     """The latent preset's 1-NFE at a 1024^2 output (end to end and network only) beside the
     pixel `base` model, bf16 on the GPU; toy sizes and fp32 with --quick."""
-    from diffusers import AutoencoderDC
-
+    try:
+        from diffusers import AutoencoderDC
+    except ImportError:
+        print("  skipped: diffusers is not installed here (the [latent] extra; on the GPU machine see docs/gpu.md)")
+        return []
     from linearsr.model.autoencoder import DC_AE_F32C32, TINY_DC_AE, LatentAutoencoder
 
     device, px = args.device, 128 if args.quick else 1024

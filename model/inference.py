@@ -66,13 +66,14 @@ class Upscaler:
     """A loaded bundle on a device, in a precision. `bundle`: a bundle folder, an expert
     .safetensors, or a LinearSR / MoE already in memory. dtype: fp32 | bf16 | fp16 (the network's
     weights and activations; attention states stay fp32). compile: torch.compile the network
-    (first images pay the compile time)."""
+    (first images pay the compile time). ae_path: where this machine keeps a latent bundle's
+    autoencoder, when not at the path it was trained with."""
 
     def __init__(self, bundle: str | Path | LinearSR | MoE, device: str | None = None, dtype: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, ae_path: str | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = check_device_dtype(self.device, dtype)
-        self.moe = load_bundle(bundle) if isinstance(bundle, (str, Path)) else as_moe(bundle)
+        self.moe = load_bundle(bundle, ae_path) if isinstance(bundle, (str, Path)) else as_moe(bundle)
         for expert in self.moe.experts:  # the tagger stays fp32
             expert.to(device=self.device, dtype=self.dtype)
         if self.moe.tagger is not None:
@@ -124,6 +125,6 @@ class Upscaler:
 
 
 def upscale(bundle: str | Path | LinearSR | MoE, image: Any, device: str | None = None, dtype: str = "fp32",
-            compile: bool = False, **kwargs: Any) -> Any:
-    """One call: `Upscaler(bundle, device, dtype, compile)(image, **kwargs)` (see Upscaler.__call__)."""
-    return Upscaler(bundle, device, dtype, compile)(image, **kwargs)
+            compile: bool = False, ae_path: str | None = None, **kwargs: Any) -> Any:
+    """One call: `Upscaler(bundle, device, dtype, compile, ae_path)(image, **kwargs)` (see Upscaler.__call__)."""
+    return Upscaler(bundle, device, dtype, compile, ae_path)(image, **kwargs)

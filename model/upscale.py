@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="network precision (default fp32); bf16 on CPUs and GPUs, fp16 on GPUs only")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (pays off over many images)")
+    parser.add_argument("--ae-path", default=None, help="a latent bundle's autoencoder folder on this machine (default: "
+                                                         "model.ae_path as trained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the upscaled images")
-    up = Upscaler(args.bundle, args.device, args.dtype, args.compile)
+    up = Upscaler(args.bundle, args.device, args.dtype, args.compile, args.ae_path)
     check_tiling(args.tile, args.overlap, resolve_tile_mode(up.moe.experts[0], args.tile_mode), args.batch)
     s = up.scale
     log.info("bundle %s: %d expert(s), x%d, %s x %d step(s), %s on %s", args.bundle, len(up.moe.experts), s,
