@@ -278,7 +278,7 @@ def render_report(metrics: dict, rows: list[Variant]) -> str:
     ]
     lines += [f"- {note}" for note in metrics["notes"]]
     lines += ["", "| variant | PSNR-Y (dB) | Δ vs bicubic | SSIM-Y | " + " | ".join(f"{v} ↓" for v in PERCEPTUAL.values())
-              + " | NFE | s / image |", "|---" * (5 + len(PERCEPTUAL)) + "|"]
+              + " | NFE | s / image |", "|---" * (6 + len(PERCEPTUAL)) + "|"]
     for v in rows:
         r = s[v.name]
         cells = [_fmt(r["psnr_y"], ".2f"), f"{r['psnr_y'] - base['psnr_y']:+.2f}", _fmt(r["ssim_y"], ".4f"),

@@ -50,6 +50,9 @@ def test_eval_writes_report_with_every_field(tiny_bundle, hr_dir, tmp_path, caps
     report = (out / "report.md").read_text()
     assert "| bicubic |" in report and "Quality bar" in report and "crops/astronaut.png" in report
     assert "| LPIPS-alex ↓ | LPIPS-vgg ↓ | DISTS ↓ |" in report
+    for table in report.split("\n\n"):  # every markdown table has as many cells in each row as in its header
+        rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+        assert len({ln.count("|") for ln in rows}) <= 1, table
     crop = Image.open(out / "crops" / "astronaut.png")
     assert crop.size[1] > 100 and crop.mode == "RGB"
     assert "report:" in capsys.readouterr().out
