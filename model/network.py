@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from linearsr.model.attention import linear_attention
+from linearsr.model.attention import linear_attention, linear_attention_read, linear_attention_state
 from linearsr.model.autoencoder import build_autoencoder
 from linearsr.model.config import ModelConfig
 from linearsr.model.flow import interpolate, velocity_target
@@ -53,11 +53,26 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] -> q, k, v: [B, N, H, D]."""
         num_b, num_n, num_c = x.shape
-        q, k, v = self.qkv(x).view(num_b, num_n, 3, self.heads, num_c // self.heads).unbind(2)
+        return self.qkv(x).view(num_b, num_n, 3, self.heads, num_c // self.heads).unbind(2)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        q, k, v = self.project(x)
         o = linear_attention(q, k, v, backend=self.backend, eps=self.eps)
-        return self.proj(o.reshape(num_b, num_n, num_c))
+        return self.proj(o.flatten(2))
+
+    # exact tiling (model/tiled.py): the state summed over all tiles, then each tile read against it
+    def state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (any subset of the tokens) -> their (kv, k_sum) sums, fp32."""
+        _, k, v = self.project(x)
+        return linear_attention_state(k, v)
+
+    def read(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, N, C] -> the attention output of these tokens against the whole image's state."""
+        q = self.project(x)[0]
+        return self.proj(linear_attention_read(q, *state, self.eps).flatten(2))
 
 
 class TagCrossAttention(nn.Module):
@@ -114,19 +129,33 @@ class Block(nn.Module):
         # adaLN-single: per-block learned offsets of the shared time modulation; gates start at 0
         self.scale_shift_table = nn.Parameter(torch.zeros(6, cfg.width))
 
+    # The parts below are what model/tiled.py runs tile by tile; forward is their composition.
+    def modulation(self, t_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """t_mod: [B, 6, C] -> (shift_a, scale_a, gate_a, shift_f, scale_f, gate_f), each [B, C]."""
+        return (self.scale_shift_table[None] + t_mod).unbind(1)
+
+    def mixer_input(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return modulate(self.norm1(x), mod[0], mod[1])
+
+    def local(self, x, hw, mod, tags, tag_mask) -> torch.Tensor:
+        """Everything after the global mixer: per token, except the FFN's 3x3 depthwise conv."""
+        if self.cross is not None:
+            x = x + self.cross(x, tags, tag_mask)
+        return x + mod[5][:, None] * self.ffn(modulate(self.norm2(x), mod[3], mod[4]), hw)
+
     def forward(self, x, hw, t_mod, tags, tag_mask):
         """x: [B, N, C]; t_mod: [B, 6, C]; tags: [B, T, C]; tag_mask: [B, T]."""
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.scale_shift_table[None] + t_mod).unbind(1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), hw)
-        x = x + self.cross(x, tags, tag_mask)
-        return x + gate_f[:, None] * self.ffn(modulate(self.norm2(x), shift_f, scale_f), hw)
+        mod = self.modulation(t_mod)
+        x = x + mod[2][:, None] * self.attn(self.mixer_input(x, mod), hw)
+        return self.local(x, hw, mod, tags, tag_mask)
 
 
 class LinearSR(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ae: nn.Module | None = None):
+        """`ae`: an autoencoder to share (the experts of a bundle use one); default: built from cfg."""
         super().__init__()
         self.cfg = cfg
-        self._ae = (build_autoencoder(cfg),)  # a tuple: frozen, not part of the state dict
+        self._ae = (build_autoencoder(cfg) if ae is None else ae,)  # a tuple: frozen, not part of the state dict
         ch, width, p = self.ae.channels, cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(2 * ch, width, p, stride=p)
         self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, width), nn.SiLU(), nn.Linear(width, width))
@@ -203,39 +232,59 @@ class LinearSR(nn.Module):
         img = self.ae.decode(x0)[..., : lr.shape[-2] * self.cfg.scale, : lr.shape[-1] * self.cfg.scale]
         return ((img + 1) / 2).clamp(0, 1)
 
-    def forward(self, x_t, t, cond, tags) -> torch.Tensor:
-        """One network evaluation. x_t, cond: [B, C, H', W']; t: [B]; tags: B lists -> v_hat like x_t."""
-        num_b, _, h, w = x_t.shape
-        p = self.cfg.patch_size
-        if h % p or w % p:
-            raise ValueError(f"latent grid {h}x{w} is not a multiple of model.patch_size={p}; pad the image first")
-        dtype = self.patch_embed.weight.dtype  # fp32 inputs also drive a bf16 model (DeepSpeed)
+    # The parts below are what model/tiled.py runs tile by tile; forward is their composition.
+    def preconditioning(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t: [B] -> (c_skip, c_out, c_in), each [B, 1, 1, 1] fp32."""
         t = t.float()
         s = ((1 - t) ** 2 + t**2).view(-1, 1, 1, 1)
         c_skip, c_out = (2 * t.view(-1, 1, 1, 1) - 1) / s, s.rsqrt()
-        c_in = (1 - t).view(-1, 1, 1, 1) * c_out
-        x = self.patch_embed(torch.cat([c_in * x_t, cond.to(x_t.dtype)], dim=1).to(dtype))
-        hw = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)  # [B, N, C]
-        t_emb = self.time_mlp(timestep_features(t, self.cfg.time_freq_dim).to(dtype))
-        t_mod = self.t_block(t_emb).view(num_b, 6, -1)
+        return c_skip, c_out, (1 - t).view(-1, 1, 1, 1) * c_out
+
+    def conditioning(self, t: torch.Tensor, tags) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t: [B], tags: B lists -> (t_emb [B, C], t_mod [B, 6, C], tag tokens [B, T, C], tag mask [B, T])."""
+        dtype = self.patch_embed.weight.dtype
+        t_emb = self.time_mlp(timestep_features(t.float(), self.cfg.time_freq_dim).to(dtype))
+        t_mod = self.t_block(t_emb).view(t.shape[0], 6, -1)
         tag_tok, tag_mask = self.tag_embed(tags)
-        for block in self.blocks:
-            x = block(x, hw, t_mod, tag_tok.to(x.dtype), tag_mask)
+        return t_emb, t_mod, tag_tok.to(dtype), tag_mask
+
+    def embed(self, x_t: torch.Tensor, cond: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:
+        """x_t, cond: [B, C, H', W'] -> tokens [B, C_model, H'/p, W'/p]."""
+        dtype = self.patch_embed.weight.dtype  # fp32 inputs also drive a bf16 model (DeepSpeed)
+        return self.patch_embed(torch.cat([c_in * x_t, cond.to(x_t.dtype)], dim=1).to(dtype))
+
+    def head(self, x: torch.Tensor, hw: tuple[int, int], t_emb: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, C_model] on an hw grid -> the network output F [B, C, hw[0]*p, hw[1]*p]."""
+        p = self.cfg.patch_size
         shift, scale = (self.final_table[None] + t_emb[:, None]).unbind(1)
         out = self.final(modulate(self.final_norm(x), shift, scale))  # [B, N, p*p*C]
-        out = out.transpose(1, 2).reshape(num_b, -1, *hw)
-        out = F.pixel_shuffle(out, p) if p > 1 else out
-        return (c_skip * x_t + c_out * out).to(x_t.dtype)
+        out = out.transpose(1, 2).reshape(x.shape[0], -1, *hw)
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
-    def velocity(self, x_t, t, cond, tags, guidance: float = 1.0) -> torch.Tensor:
+    def forward(self, x_t, t, cond, tags) -> torch.Tensor:
+        """One network evaluation. x_t, cond: [B, C, H', W']; t: [B]; tags: B lists -> v_hat like x_t."""
+        _, _, h, w = x_t.shape
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent grid {h}x{w} is not a multiple of model.patch_size={p}; pad the image first")
+        c_skip, c_out, c_in = self.preconditioning(t)
+        x = self.embed(x_t, cond, c_in)
+        hw = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        t_emb, t_mod, tag_tok, tag_mask = self.conditioning(t, tags)
+        for block in self.blocks:
+            x = block(x, hw, t_mod, tag_tok, tag_mask)
+        return (c_skip * x_t + c_out * self.head(x, hw, t_emb)).to(x_t.dtype)
+
+    def velocity(self, x_t, t, cond, tags, guidance: float = 1.0, net=None) -> torch.Tensor:
         """v_hat with classifier-free guidance: v_u + g (v_c - v_u); one pass when g == 1 or no tags.
-        t: a float or [B]."""
+        t: a float or [B]. `net(model, x_t, t, cond, tags)` replaces the plain forward (e.g. tiled)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0]).contiguous()
+        run = self if net is None else (lambda *args: net(self, *args))
         if guidance == 1.0 or not any(tags):
-            return self(x_t, t, cond, tags)
+            return run(x_t, t, cond, tags)
         num_b = x_t.shape[0]
-        v = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), list(tags) + [[]] * num_b)
+        v = run(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), list(tags) + [[]] * num_b)
         v_cond, v_uncond = v[:num_b], v[num_b:]
         return v_uncond + guidance * (v_cond - v_uncond)
 

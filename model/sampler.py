@@ -54,11 +54,11 @@ class MoE(nn.Module):
     def expert_for(self, t: float) -> int:
         return find_interval(self.intervals, float(lambda_of_t(float(t))))
 
-    def velocity(self, x_t, t: float, cond, tags, guidance: float = 1.0) -> torch.Tensor:
-        """All samples share the scalar t, so one expert runs the whole batch."""
+    def velocity(self, x_t, t: float, cond, tags, guidance: float = 1.0, net=None) -> torch.Tensor:
+        """All samples share the scalar t, so one expert runs the whole batch (`net`: see LinearSR.velocity)."""
         i = self.expert_for(t)
         self.route.append((float(t), float(lambda_of_t(float(t))), i))
-        return self.experts[i].velocity(x_t, t, cond, tags, guidance)
+        return self.experts[i].velocity(x_t, t, cond, tags, guidance, net)
 
     # the data path (encode/decode) is shared by all experts
     def encode_condition(self, lr):
@@ -105,9 +105,11 @@ def sample(
     guidance: float = 1.0,
     seed: int = 0,
     noise: torch.Tensor | None = None,
+    net=None,
 ) -> SampleResult:
     """Super-resolve lr [B, 3, h, w] in [0, 1] -> SampleResult(image [B, 3, h*s, w*s], route).
-    `noise` (shaped like `encode_condition(lr)`) replaces the seeded draw, e.g. for tiling."""
+    `noise` (shaped like `encode_condition(lr)`) replaces the seeded draw, e.g. for tiling;
+    `net(model, x_t, t, cond, tags)` replaces each network evaluation (model/tiled.py)."""
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(METHODS)}")
     moe = as_moe(model_or_moe)
@@ -127,10 +129,10 @@ def sample(
     grid = time_grid(steps)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t_cur
-        v = moe.velocity(x, t_cur, cond, tags, guidance)
+        v = moe.velocity(x, t_cur, cond, tags, guidance, net)
         if method == "heun" and t_next > 0:
             x_euler = x + dt * v
-            v_next = moe.velocity(x_euler, t_next, cond, tags, guidance)
+            v_next = moe.velocity(x_euler, t_next, cond, tags, guidance, net)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x + dt * v

@@ -1,4 +1,5 @@
 """`linearsr upscale --bundle PATH INPUT... --out DIR`: write DIR/<stem>.png at x scale for each input.
+The command line of the Python API in model/inference.py (`from linearsr import Upscaler`).
 
 Each input is handled on its own: a missing, unreadable, truncated or unsupported image gets a
 one-line message and the others are still processed; the exit code is 1 if any failed.
@@ -19,11 +20,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from linearsr.model.bundle import load_bundle
 from linearsr.model.imageio import ImageError, load_image, save_png, to_uint8
-from linearsr.model.sampler import METHODS, MoE
+from linearsr.model.inference import DTYPES, Upscaler, check_device_dtype
+from linearsr.model.sampler import METHODS
 from linearsr.model.tags import normalize_tags
-from linearsr.model.tiling import upscale_image
+from linearsr.model.tiling import TILE_MODES, check_tiling, resolve_tile_mode
 
 log = logging.getLogger("linearsr.upscale")
 
@@ -45,7 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--tile", type=int, default=256,
                         help="largest LR tile side in pixels (bounds memory; default 256); 0 = whole image in one pass")
-    parser.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels, blended (default 16)")
+    parser.add_argument("--tile-mode", choices=TILE_MODES, default="auto",
+                        help="exact: the untiled result, every attention state summed over all tiles; blend: "
+                             "overlapping tiles blended (for models where exact does not hold); auto (default): "
+                             "exact where it holds")
+    parser.add_argument("--overlap", type=int, default=16, help="blended tiles' overlap in LR pixels (default 16)")
+    parser.add_argument("--batch", type=int, default=1, help="tiles evaluated together (default 1; more is faster "
+                                                            "on a GPU and costs memory)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="network precision (default fp32); bf16 on CPUs and GPUs, fp16 on GPUs only")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (pays off over many images)")
+    parser.add_argument("--ae-path", default=None, help="a latent bundle's autoencoder folder on this machine (default: "
+                                                         "model.ae_path as trained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -64,9 +76,9 @@ def load_external_tagger(spec: str) -> Callable[[Image.Image], list[str]]:
     return fn
 
 
-def make_tag_fn(args: argparse.Namespace, moe: MoE) -> TagFn | None:
+def make_tag_fn(args: argparse.Namespace, up: Upscaler) -> TagFn | None:
     """The tag source for images without --tags: external tagger > bundle tagger > none."""
-    max_tags = moe.cfg.max_tags
+    max_tags = up.moe.cfg.max_tags
     if args.tags is not None:
         fixed = normalize_tags(args.tags, max_tags)
         return lambda lr: fixed
@@ -80,9 +92,8 @@ def make_tag_fn(args: argparse.Namespace, moe: MoE) -> TagFn | None:
             return normalize_tags(tags, max_tags)
 
         return tag_external
-    if moe.tagger is not None:
-        tagger = moe.tagger
-        return lambda lr: tagger.predict(lr[None], max_tags=max_tags, threshold=args.tag_threshold)[0]
+    if up.moe.tagger is not None:
+        return lambda lr: up.tags_for(lr, args.tag_threshold)
     return None
 
 
@@ -105,18 +116,17 @@ def _output_paths(inputs: list[str], out: Path) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.tile and (args.tile < 8 or not 0 <= args.overlap < args.tile // 2):
-        raise ValueError(f"--tile {args.tile} --overlap {args.overlap}: tiles need tile >= 8 and 0 <= overlap < tile/2 "
-                         f"(e.g. --tile {max(8, 2 * args.overlap + 2)}), or --tile 0 for no tiling")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available; use --device cpu")
+    check_tiling(args.tile, args.overlap, args.tile_mode, args.batch)
+    check_device_dtype(args.device, args.dtype)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the upscaled images")
-    moe = load_bundle(args.bundle).to(args.device)
-    s = moe.scale
-    log.info("bundle %s: %d expert(s), x%d, %s x %d step(s)", args.bundle, len(moe.experts), s, args.sampler, args.steps)
-    tag_fn = make_tag_fn(args, moe)
+    up = Upscaler(args.bundle, args.device, args.dtype, args.compile, args.ae_path)
+    check_tiling(args.tile, args.overlap, resolve_tile_mode(up.moe.experts[0], args.tile_mode), args.batch)
+    s = up.scale
+    log.info("bundle %s: %d expert(s), x%d, %s x %d step(s), %s on %s", args.bundle, len(up.moe.experts), s,
+             args.sampler, args.steps, args.dtype, args.device)
+    tag_fn = make_tag_fn(args, up)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     targets = _output_paths(args.inputs, out)
@@ -138,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s: %dx%d -> %dx%d, tags: %s", inp, lr.shape[2], lr.shape[1], lr.shape[2] * s, lr.shape[1] * s,
                  ", ".join(tags) if tags else "(none)")
         start = time.perf_counter()
-        hr = upscale_image(moe, lr, tags, args.steps, args.sampler, args.guidance, args.seed,
-                           tile=args.tile or None, overlap=args.overlap, progress=True)
+        hr = up(lr, tags, args.steps, args.sampler, args.guidance, args.seed, tile=args.tile, overlap=args.overlap,
+                tile_mode=args.tile_mode, batch=args.batch, progress=True)
         path = save_png(targets[inp], hr)
         log.info("%s: wrote %s in %.2f s", inp, path, time.perf_counter() - start)
     if failed:

@@ -1,16 +1,19 @@
-"""`linearsr eval`: a bundle against bicubic on a folder of HR photos, with ablations and pictures.
+"""`linearsr eval`: a bundle against bicubic (and what users run) on a folder of HR photos, with
+ablations and pictures.
 
 For every HR image: modcrop to the scale, make the LR (bicubic x s, or the seeded realistic
-degradation), upscale with each variant, and measure PSNR-Y / SSIM-Y (border = scale) and LPIPS
-(AlexNet; skipped with a note when its weights are absent — never faked). Variants:
+degradation), upscale with each variant, and measure PSNR-Y / SSIM-Y (border = scale), LPIPS
+(AlexNet and VGG16, v0.1) and DISTS; a perceptual metric whose weights are absent is skipped with
+a note, never faked. Variants (rows; `variants()` lists them, add rows there):
 
     bicubic                       the baseline, always, same images, same run
+    Real-ESRGAN x4plus            with --baseline realesrgan (trainer/peers.py); a note when it cannot run
     <bundle> 1-NFE / N steps      the MoE bundle, tags from its tagger (or none)
     <bundle> 1-NFE, no tags       the TAG ablation
     <name>   1-NFE / N steps      every --compare NAME=BUNDLE (e.g. the knee model alone)
 
-Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | 1-NFE | N-step | HR)
-and the same grid to TensorBoard under OUT/tb."""
+Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | peers | 1-NFE | N-step |
+HR) and the same grid to TensorBoard under OUT/tb."""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from linearsr.data.degradations import degrade
 from linearsr.model.bundle import load_bundle
 from linearsr.model.imageio import save_png
 from linearsr.model.sampler import MoE, sample
-from linearsr.trainer.quality import LPIPS, lpips_weights_path, psnr_y, ssim_y
+from linearsr.trainer.peers import PeerUnavailable, load_peer
+from linearsr.trainer.quality import DISTS, LPIPS, psnr_y, ssim_y
 from linearsr.trainer.rundir import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -41,12 +45,43 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BICUBIC = "bicubic"
 
 
+PERCEPTUAL = {"lpips": "LPIPS-alex", "lpips_vgg": "LPIPS-vgg", "dists": "DISTS"}  # lower is better
+KEYS = ("psnr_y", "ssim_y", *PERCEPTUAL, "seconds", "nfe")
+
+
 @dataclass(frozen=True)
 class Variant:
+    """One row: a LinearSR bundle (`model`: a key into the loaded bundles, sampled with `steps`)
+    or a baseline (`baseline`: "bicubic" or a peer of trainer/peers.py)."""
+
     name: str
-    model: str  # key into the loaded bundles
-    steps: int
-    use_tags: bool
+    model: str | None = None
+    steps: int = 1
+    use_tags: bool = True
+    baseline: str | None = None
+
+
+def variants(steps: int, has_tagger: bool, compare: list[str], peers: dict[str, object]) -> list[Variant]:
+    rows = [Variant(BICUBIC, baseline="bicubic")] + [Variant(p.name, baseline=key) for key, p in peers.items()]
+    rows += [Variant("LinearSR 1-NFE", "bundle", 1), Variant(f"LinearSR {steps}-step", "bundle", steps)]
+    if has_tagger:
+        rows.append(Variant("LinearSR 1-NFE, no tags", "bundle", 1, use_tags=False))
+    for name in compare:
+        rows += [Variant(f"{name} 1-NFE", name, 1), Variant(f"{name} {steps}-step", name, steps)]
+    return rows
+
+
+def load_perceptual() -> tuple[dict[str, torch.nn.Module], list[str]]:
+    """The perceptual metrics whose weights are here, and a note for each that is not."""
+    loaders = {"lpips": LPIPS.load, "lpips_vgg": lambda: LPIPS.load(net="vgg"), "dists": DISTS.load}
+    metrics, notes = {}, []
+    for key, load in loaders.items():
+        try:
+            metrics[key] = load()
+        except FileNotFoundError as e:
+            notes.append(f"{PERCEPTUAL[key]} skipped: {e}")
+            log.warning(notes[-1])
+    return metrics, notes
 
 
 def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -146,15 +181,27 @@ def side_by_side(panels: list[torch.Tensor], hr: torch.Tensor, size: int = 128, 
     return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def _measure(sr: torch.Tensor, hr: torch.Tensor, scale: int, lpips: LPIPS | None) -> dict:
+@torch.no_grad()
+def _measure(sr: torch.Tensor, hr: torch.Tensor, scale: int, perceptual: dict, refs: dict) -> dict:
+    """refs: each perceptual metric's features of hr (computed once per image)."""
     m = {"psnr_y": psnr_y(sr, hr, border=scale), "ssim_y": ssim_y(sr, hr, border=scale)}
-    if lpips is not None:
-        m["lpips"] = float(lpips(sr[None], hr[None]).item())
+    for key, metric in perceptual.items():
+        m[key] = float(metric.score(sr[None], refs[key]).item())
     return m
 
 
+def _upscale(v: Variant, models: dict[str, MoE], peers: dict, lr, tags, guidance: float, seed: int):
+    """(image [3, H, W], network evaluations or None for a peer)."""
+    if v.baseline == BICUBIC:
+        return bicubic_up(lr, models["bundle"].scale), 0
+    if v.baseline:
+        return peers[v.baseline](lr), None
+    res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps, guidance=guidance, seed=seed)
+    return res.image[0], res.nfe
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if key in r]
+    vals = [r[key] for r in rows if r.get(key) is not None]
     return float(np.mean(vals)) if vals else None
 
 
@@ -171,9 +218,12 @@ def evaluate(
     max_tags: int = 4,
     tb: bool = True,
     lr_dir: str | None = None,
+    baselines: tuple[str, ...] = (),
 ) -> dict:
     """Run the evaluation and write metrics.json, report.md and crops; returns the metrics dict.
-    With `lr_dir` the LR images are real ones from that folder, paired with `hr_dir` by name."""
+    With `lr_dir` the LR images are real ones from that folder, paired with `hr_dir` by name.
+    baselines: peers to add as rows (trainer/peers.py: "realesrgan"); one that cannot run here
+    is a note in the report instead of a row."""
     if degradation not in ("bicubic", "realistic"):
         raise ValueError(f"--degradation must be bicubic or realistic, got {degradation!r}")
     if steps < 2:
@@ -185,19 +235,17 @@ def evaluate(
     for name, m in models.items():
         if m.scale != scale:
             raise ValueError(f"--compare {name} upscales x{m.scale} but the bundle upscales x{scale}; compare like with like")
+    notes, peers = [], {}
+    for key in baselines:
+        try:
+            peers[key] = load_peer(key, scale)
+        except PeerUnavailable as e:
+            notes.append(str(e))
+            log.warning(notes[-1])
     tagger = models["bundle"].tagger
-    variants = [Variant("LinearSR 1-NFE", "bundle", 1, True), Variant(f"LinearSR {steps}-step", "bundle", steps, True)]
-    if tagger is not None:
-        variants.append(Variant("LinearSR 1-NFE, no tags", "bundle", 1, False))
-    for name in compare or {}:
-        variants += [Variant(f"{name} 1-NFE", name, 1, True), Variant(f"{name} {steps}-step", name, steps, True)]
-
-    lpips_note = None
-    try:
-        lpips = LPIPS.load()
-    except FileNotFoundError:
-        lpips, lpips_note = None, f"LPIPS skipped: weights not found at {lpips_weights_path()} (run `make weights` in the checkout, or set LINEARSR_LPIPS_WEIGHTS to the file)"
-        log.warning(lpips_note)
+    rows = variants(steps, tagger is not None, list(compare or {}), peers)
+    perceptual, skipped = load_perceptual()
+    notes += skipped
 
     out = Path(out_dir)
     (out / "crops").mkdir(parents=True, exist_ok=True)
@@ -206,54 +254,60 @@ def evaluate(
         degradation = "real"
     else:
         images, bad_pairs = [(stem, modcrop(hr, scale), None) for stem, hr in load_hr_images(hr_dir, max_images)], []
+    panels = [v.name for v in rows if v.baseline] + ["LinearSR 1-NFE", f"LinearSR {steps}-step"]
     per_image: dict[str, dict[str, dict]] = {}
     grids = []
     for idx, (stem, hr, real_lr) in enumerate(images):
         lr = real_lr if real_lr is not None else make_lr(hr, scale, degradation, seed + idx)
         tags = tagger.predict(lr[None], max_tags=max_tags)[0] if tagger is not None else []
-        results = {BICUBIC: {**_measure(bicubic_up(lr, scale), hr, scale, lpips), "seconds": 0.0, "nfe": 0}}
-        outputs = {BICUBIC: bicubic_up(lr, scale)}
-        for v in variants:
+        with torch.no_grad():
+            refs = {key: metric.prepare(hr[None]) for key, metric in perceptual.items()}
+        results, outputs = {}, {}
+        for v in rows:
             start = time.perf_counter()
-            res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps,
-                         guidance=guidance, seed=seed + idx)
-            seconds = time.perf_counter() - start
-            outputs[v.name] = res.image[0]
-            results[v.name] = {**_measure(res.image[0], hr, scale, lpips), "seconds": seconds, "nfe": res.nfe}
+            outputs[v.name], nfe = _upscale(v, models, peers, lr, tags, guidance, seed + idx)
+            seconds = time.perf_counter() - start if v.baseline != BICUBIC else 0.0
+            results[v.name] = {**_measure(outputs[v.name], hr, scale, perceptual, refs), "seconds": seconds, "nfe": nfe}
         results["_tags"] = tags
         per_image[stem] = results
-        grid = side_by_side([outputs[BICUBIC], outputs[variants[0].name], outputs[variants[1].name], hr], hr)
+        grid = side_by_side([outputs[name] for name in panels] + [hr], hr)
         Image.fromarray(grid).save(out / "crops" / f"{stem}.png")
         grids.append((stem, grid))
-        log.info("eval %d/%d %s: bicubic %.2f dB, %s %.2f dB", idx + 1, len(images), stem,
-                 results[BICUBIC]["psnr_y"], variants[0].name, results[variants[0].name]["psnr_y"])
+        log.info("eval %d/%d %s: bicubic %.2f dB, LinearSR 1-NFE %.2f dB", idx + 1, len(images), stem,
+                 results[BICUBIC]["psnr_y"], results["LinearSR 1-NFE"]["psnr_y"])
 
     summary = {}
-    for name in [BICUBIC] + [v.name for v in variants]:
-        rows = [per_image[s][name] for s in per_image]
-        summary[name] = {k: _mean(rows, k) for k in ("psnr_y", "ssim_y", "lpips", "seconds", "nfe")}
+    for v in rows:
+        measured = [per_image[s][v.name] for s in per_image]
+        summary[v.name] = {k: _mean(measured, k) for k in KEYS}
     metrics = {
         "bundle": bundle, "hr_dir": hr_dir, "degradation": degradation, "scale": scale, "steps": steps,
-        "guidance": guidance, "seed": seed, "num_images": len(images), "lpips_note": lpips_note,
+        "guidance": guidance, "seed": seed, "num_images": len(images), "notes": notes, "panels": panels + ["HR"],
         "lr_dir": lr_dir, "bad_pairs": bad_pairs,
-        "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, variants),
+        "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, steps, peers),
     }
     write_json(str(out / "metrics.json"), metrics)
-    write_text_atomic(str(out / "report.md"), render_report(metrics, variants))
+    write_text_atomic(str(out / "report.md"), render_report(metrics, rows))
     if tb:
         _log_tensorboard(out / "tb", grids, summary)
     return metrics
 
 
-def _quality_checks(summary: dict, variants: list[Variant]) -> dict:
-    """The bar the demo is held to: +0.5 dB PSNR-Y at 1-NFE, lower LPIPS than bicubic multi-step."""
-    base = summary[BICUBIC]
-    one, multi = summary[variants[0].name], summary[variants[1].name]
+def _quality_checks(summary: dict, steps: int, peers: dict) -> dict:
+    """The bar the demo is held to: +0.5 dB PSNR-Y at 1-NFE, lower LPIPS than bicubic multi-step;
+    and where LinearSR stands against each peer (differences, no bar)."""
+    base, one, multi = summary[BICUBIC], summary["LinearSR 1-NFE"], summary[f"LinearSR {steps}-step"]
     checks = {"psnr_gain_1nfe_db": one["psnr_y"] - base["psnr_y"]}
     checks["psnr_gain_ok"] = checks["psnr_gain_1nfe_db"] >= 0.5
     if base["lpips"] is not None:
         checks["lpips_multistep_minus_bicubic"] = multi["lpips"] - base["lpips"]
         checks["lpips_ok"] = multi["lpips"] < base["lpips"]
+    for peer in peers.values():
+        ref = summary[peer.name]
+        checks[f"vs {peer.name}"] = {
+            name: {k: (row[k] - ref[k] if row[k] is not None and ref[k] is not None else None)
+                   for k in ("psnr_y", "ssim_y", *PERCEPTUAL)}
+            for name, row in (("LinearSR 1-NFE", one), (f"LinearSR {steps}-step", multi))}
     return checks
 
 
@@ -261,39 +315,47 @@ def _fmt(x, spec=".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def render_report(metrics: dict, variants: list[Variant]) -> str:
+def render_report(metrics: dict, rows: list[Variant]) -> str:
     s = metrics["summary"]
     base = s[BICUBIC]
     lines = [
         "# LinearSR evaluation", "",
         f"- bundle: `{metrics['bundle']}`",
         f"- images: {metrics['num_images']} from `{metrics['hr_dir']}`, x{metrics['scale']}, LR by {metrics['degradation']} degradation",
-        "- PSNR/SSIM on Y (BT.601), border cropped by the scale; LPIPS AlexNet v0.1; bicubic = PyTorch bicubic (not MATLAB imresize)",
+        "- PSNR/SSIM on Y (BT.601), border cropped by the scale; LPIPS v0.1 (AlexNet, VGG16) and DISTS on RGB, lower "
+        "is better; bicubic = PyTorch bicubic (not MATLAB imresize)",
         f"- seconds per image on this machine ({os.cpu_count()} CPUs), guidance {metrics['guidance']}",
     ]
-    if metrics["lpips_note"]:
-        lines.append(f"- {metrics['lpips_note']}")
+    lines += [f"- {note}" for note in metrics["notes"]]
     if metrics["bad_pairs"]:
         lines.append(f"- {len(metrics['bad_pairs'])} bad LR/HR pairs skipped: "
                      + "; ".join(f"{b['source']} ({b['error']})" for b in metrics["bad_pairs"]))
-    lines += ["", "| variant | PSNR-Y (dB) | Δ vs bicubic | SSIM-Y | LPIPS ↓ | NFE | s / image |", "|---|---|---|---|---|---|---|"]
-    for name in [BICUBIC] + [v.name for v in variants]:
-        r = s[name]
-        delta = r["psnr_y"] - base["psnr_y"]
-        lines.append(f"| {name} | {_fmt(r['psnr_y'], '.2f')} | {delta:+.2f} | {_fmt(r['ssim_y'], '.4f')} | "
-                     f"{_fmt(r['lpips'])} | {_fmt(r['nfe'], '.0f')} | {_fmt(r['seconds'], '.2f')} |")
+    lines += ["", "| variant | PSNR-Y (dB) | Δ vs bicubic | SSIM-Y | " + " | ".join(f"{v} ↓" for v in PERCEPTUAL.values())
+              + " | NFE | s / image |", "|---" * (6 + len(PERCEPTUAL)) + "|"]
+    for v in rows:
+        r = s[v.name]
+        cells = [_fmt(r["psnr_y"], ".2f"), f"{r['psnr_y'] - base['psnr_y']:+.2f}", _fmt(r["ssim_y"], ".4f"),
+                 *(_fmt(r[k]) for k in PERCEPTUAL), _fmt(r["nfe"], ".0f"), _fmt(r["seconds"], ".2f")]
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     c = metrics["checks"]
     lines += ["", "## Quality bar", "",
               f"- 1-NFE beats bicubic by ≥ 0.5 dB PSNR-Y: **{'PASS' if c['psnr_gain_ok'] else 'FAIL'}** ({c['psnr_gain_1nfe_db']:+.2f} dB)"]
     if "lpips_ok" in c:
         lines.append(f"- multi-step LPIPS below bicubic: **{'PASS' if c['lpips_ok'] else 'FAIL'}** "
                      f"({c['lpips_multistep_minus_bicubic']:+.3f})")
-    lines += ["", "## Per image (PSNR-Y dB)", "", "| image | tags | " + " | ".join([BICUBIC] + [v.name for v in variants]) + " |",
-              "|---" * (len(variants) + 3) + "|"]
+    for key, against in c.items():
+        if key.startswith("vs "):
+            for name, d in against.items():
+                lines.append(f"- {name} {key}: {_fmt(d['psnr_y'], '+.2f')} dB PSNR-Y, "
+                             + ", ".join(f"{_fmt(d[k], '+.3f')} {label}" for k, label in PERCEPTUAL.items())
+                             + " (negative perceptual = LinearSR closer to HR)")
+    names = [v.name for v in rows]
+    lines += ["", "## Per image (PSNR-Y dB)", "", "| image | tags | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 2) + "|"]
     for stem, r in metrics["per_image"].items():
-        cells = [_fmt(r[n]["psnr_y"], ".2f") for n in [BICUBIC] + [v.name for v in variants]]
+        cells = [_fmt(r[n]["psnr_y"], ".2f") for n in names]
         lines.append(f"| {stem} | {', '.join(r['_tags']) or '—'} | " + " | ".join(cells) + " |")
-    lines += ["", "Crops (bicubic | LinearSR 1-NFE | LinearSR multi-step | HR), 2x nearest zoom:", ""]
+    lines += ["", f"Crops ({' | '.join(metrics['panels'])}), 2x nearest zoom:", ""]
     lines += [f"![{stem}](crops/{stem}.png)" for stem in metrics["per_image"]]
     return "\n".join(lines) + "\n"
 
@@ -338,7 +400,7 @@ def _log_tensorboard(tb_dir: Path, grids: list[tuple[str, np.ndarray]], summary:
     for stem, grid in grids:
         writer.add_image(f"eval/{stem}", grid, 0, dataformats="HWC")
     for name, r in summary.items():
-        for key in ("psnr_y", "ssim_y", "lpips"):
+        for key in ("psnr_y", "ssim_y", *PERCEPTUAL):
             if r[key] is not None:
                 writer.add_scalar(f"eval/{key}/{name}", r[key], 0)
     writer.close()
@@ -354,6 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="the multi-step setting (1-NFE is always measured)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=BUNDLE",
                         help="another bundle to ablate against, e.g. knee=runs/demo/knee (repeatable)")
+    parser.add_argument("--baseline", action="append", default=[], choices=["realesrgan"],
+                        help="another SR system as a row: realesrgan (Real-ESRGAN x4plus on the CPU, `make peers`); "
+                             "skipped with a note when it cannot run here (repeatable)")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (sorted by name)")
@@ -377,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {os.path.join(args.out, 'report.md')}")
         return 0
     metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
-                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr)
+                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr, baselines=tuple(args.baseline))
     base, one = metrics["summary"][BICUBIC], metrics["summary"]["LinearSR 1-NFE"]
     print(f"bicubic {base['psnr_y']:.2f} dB, LinearSR 1-NFE {one['psnr_y']:.2f} dB "
           f"({one['psnr_y'] - base['psnr_y']:+.2f}) on {metrics['num_images']} images")

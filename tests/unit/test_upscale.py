@@ -16,6 +16,7 @@ from linearsr.model.config import ModelConfig
 from linearsr.model.network import LinearSR
 from linearsr.model.tagger import Tagger
 from linearsr.model.tiling import tile_starts, upscale_image
+from tests.support import models as support_models
 
 CFG = ModelConfig.preset("cpu_tiny", width=16, depth=1, heads=2)
 
@@ -145,8 +146,11 @@ def test_a_failing_external_tagger_costs_its_image_not_the_batch(tmp_path, bundl
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tile", "8"], "--tile 8 --overlap 16: tiles need tile >= 8 and 0 <= overlap < tile/2"),
-    (["--tile", "200", "--overlap", "150"], "0 <= overlap < tile/2"),
+    (["--tile", "4"], "--tile 4: tiles need tile >= 8 LR pixels, or --tile 0 for no tiling"),
+    (["--tile", "8", "--tile-mode", "blend"], "--tile 8 --overlap 16: blended tiles need tile >= 8 and 0 <= overlap < tile/2"),
+    (["--tile", "200", "--overlap", "150", "--tile-mode", "blend"], "0 <= overlap < tile/2"),
+    (["--batch", "0"], "--batch must be >= 1 tile, got 0"),
+    (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16 needs a CUDA GPU"),
 ])
 def test_impossible_tiling_is_refused_before_any_work(tmp_path, bundle, astronaut_lr, capsys, args, message):
     astronaut_lr.resize((16, 16)).save(tmp_path / "a.png")
@@ -164,21 +168,14 @@ def test_out_that_is_a_file_is_one_line_and_overwrites_nothing(tmp_path, bundle,
 
 
 def trained_like(seed=0) -> LinearSR:
-    """A model whose every weight is non-zero, so its output depends on context like a trained one."""
-    torch.manual_seed(seed)
-    model = LinearSR(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return model.eval()
+    return support_models.trained_like(CFG, seed)
 
 
-def test_tiled_matches_untiled_except_slightly_near_seams(astronaut_lr):
+def test_blended_tiles_match_untiled_except_slightly_near_seams(astronaut_lr):
     model = trained_like()
     lr = torch.from_numpy(np.array(astronaut_lr)).permute(2, 0, 1).float() / 255  # 96 x 96
     whole = upscale_image(model, lr, tile=None)
-    tiled = upscale_image(model, lr, tile=40, overlap=8)  # 3 x 3 tiles
+    tiled = upscale_image(model, lr, tile=40, overlap=8, tile_mode="blend")  # 3 x 3 tiles
     assert tiled.shape == whole.shape == (3, 384, 384)
     diff = (tiled - whole).abs()
     assert diff.mean() < 2e-3 and diff.max() < 0.05
@@ -193,7 +190,7 @@ def test_tile_starts_cover_with_overlap():
         assert all(b - a <= tile - overlap for a, b in zip(starts[:-1], starts[1:]))
 
 
-def test_huge_image_stays_within_the_tile_budget(monkeypatch):
+def test_huge_image_stays_within_the_blend_tile_budget(monkeypatch):
     """1000 x 750 LR -> 4000 x 3000: the network never sees more than one tile."""
     model = LinearSR(CFG).eval()
     seen = []
@@ -203,6 +200,6 @@ def test_huge_image_stays_within_the_tile_budget(monkeypatch):
         return torch.zeros_like(x_t)
 
     monkeypatch.setattr(LinearSR, "forward", spy)
-    out = upscale_image(model, torch.rand(3, 750, 1000), tile=256, overlap=16)
+    out = upscale_image(model, torch.rand(3, 750, 1000), tile=256, overlap=16, tile_mode="blend")
     assert out.shape == (3, 3000, 4000)
     assert len(seen) == 5 * 4 and max(h * w for h, w in seen) <= 256 * 256  # latent grid = LR grid for x4, f=4
