@@ -7,10 +7,15 @@ Per optimizer step: grad_accum micro-batches of the flow-matching loss at t draw
 `validation.every` steps: validation per log-SNR interval, one metrics.jsonl record and
 TensorBoard scalars (rank 0); every `checkpoint.every` steps (and at the last step) a checkpoint
 through `ray.train.report`. On start the newest complete checkpoint of RUN is resumed (step,
-samples, optimizer, schedule, RNG, data stream); otherwise `finetune.init` supplies the weights."""
+samples, optimizer, schedule, RNG, data stream); otherwise `finetune.init` supplies the weights
+(its EMA weights when it has them). With optim.ema_decay > 0 validation reports the EMA weights
+(val_loss, val_loss_by_interval: what the sidecar decides on and what ships) and the raw ones
+(val_loss_raw, val_loss_raw_by_interval). A fine-tune logs TensorBoard on its init checkpoint's
+step axis (global_step = init's global_step + step), so its curves continue the pretrain's."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -77,6 +82,8 @@ class Trainer:
         self.interval = cfg.interval
         self.step = 0
         self.samples = 0
+        self.step_offset = 0  # TensorBoard's step axis starts where the init checkpoint's run was
+        self.init_weights: str | None = None  # "ema" | "raw": what a fine-tune started from
         from linearsr.data.s3 import retry_count
 
         self.retry_base = retry_count()
@@ -91,8 +98,11 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = LinearSR(cfg.model)
         resume = self._resume_point()
-        if resume is None and cfg.finetune.init:
-            self._load_init_weights(model, cfg.finetune.init)
+        if cfg.finetune.init:
+            init_meta = ckpt.read_meta(cfg.finetune.init)
+            self.step_offset = int(init_meta.get("global_step", init_meta["step"]))
+            if resume is None:
+                self._load_init_weights(model, cfg.finetune.init, init_meta)
         self.engine, _ = build_engine(cfg, model)
         self.model = self.engine.module.model
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -123,18 +133,26 @@ class Trainer:
             log.info("resuming from %s", url)
         return url
 
-    def _load_init_weights(self, model, init_url: str) -> None:
-        """Fine-tune start: weights only from a checkpoint of any ZeRO stage / world size."""
+    def _load_init_weights(self, model, init_url: str, meta: dict) -> None:
+        """Fine-tune start: weights only (the EMA ones when the checkpoint has them) from a
+        checkpoint of any ZeRO stage / world size."""
         from linearsr.model.config import ModelConfig
 
         ckpt.require_complete(init_url)
-        meta = ckpt.read_meta(init_url)
         theirs = ModelConfig.from_dict(meta["config"]["model"])
         if theirs != self.cfg.model:
             raise ValueError(f"--init checkpoint {init_url} has another model config: {'; '.join(theirs.diff(self.cfg.model))}")
         local = ckpt.download_dir(init_url, self._tmp("linearsr-init-"))
-        model.load_state_dict(ckpt.consolidate(local))
-        log.info("initialised weights from %s (step %s); optimizer and schedule start fresh", init_url, meta.get("step"))
+        ema_file = os.path.join(local, ckpt.EMA_FILE)
+        if os.path.isfile(ema_file):
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(ema_file))
+        else:
+            model.load_state_dict(ckpt.consolidate(local))
+        self.init_weights = "ema" if os.path.isfile(ema_file) else "raw"
+        log.info("initialised the %s weights of %s (step %s); optimizer and schedule start fresh",
+                 self.init_weights, init_url, meta.get("step"))
 
     def _load_resume(self, url: str) -> None:
         local = ckpt.download_dir(url, self._tmp("linearsr-resume-"))
@@ -146,6 +164,7 @@ class Trainer:
         state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
         ckpt.restore_rank_state(state, self.gen)
         self.step, self.samples = int(self.meta["step"]), int(self.meta["samples"])
+        self.init_weights = self.meta.get("init_weights")
         if self.ema is not None:
             from safetensors.torch import load_file
 
@@ -158,7 +177,7 @@ class Trainer:
         self.metrics = rundir.MetricsWriter(self.run_url, resume_step=self.step)
         if self.meta is not None and not any(r.get("step") == self.step for r in self.metrics.records):
             self.metrics.append(self.meta["record"])  # the checkpoint was saved, its record was not
-        self.tb = TBWriter(self.run_url)
+        self.tb = TBWriter(self.run_url, step_offset=self.step_offset)
         self.tb.text("config", config_text(self.cfg), self.step)
         self.tb.text("code", f"linearsr code {code_id()} (`linearsr --version` prints the same id for the same files)", self.step)
         log.info("linearsr code %s", code_id())
@@ -210,7 +229,7 @@ class Trainer:
         self.step += 1
         self.samples += cfg.data.batch_size * cfg.optim.grad_accum * self.world
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         return sum(losses) / len(losses), wait
 
     def maybe_die(self, during_checkpoint: bool) -> None:
@@ -266,7 +285,11 @@ class Trainer:
         dist.all_reduce(window)
         t_range = torch.tensor([self.t_seen[0], -self.t_seen[1]], dtype=torch.float64)
         dist.all_reduce(t_range, op=dist.ReduceOp.MIN)
-        val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
+        raw_loss, raw_by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
+        val_loss, by_interval = raw_loss, raw_by_interval
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
         # S3 retries: this process's (checkpoints, metrics, TensorBoard, and the loaders when they have no
         # worker processes) plus those of the loaders' worker processes
         workers = self.train_loader.retries + self.val_retries if cfg.data.num_workers else 0
@@ -283,6 +306,9 @@ class Trainer:
             "train_loss": window[0].item() / max(1.0, window[1].item()),
             "val_loss": val_loss,
             "val_loss_by_interval": by_interval,
+            **({"val_loss_raw": raw_loss, "val_loss_raw_by_interval": raw_by_interval} if self.ema is not None else {}),
+            "weights": "ema" if self.ema is not None else "raw",  # whose loss val_loss is
+            "global_step": self.step_offset + self.step,
             "lr": current_lr(self.engine),
             "grad_norm": grad_norm(self.engine),
             "samples_per_s": (self.samples - self.win_samples) / max(1e-9, elapsed),
@@ -320,8 +346,10 @@ class Trainer:
         n = min(self.cfg.validation.num_images, vb.hr.shape[0])
         lr, tags = vb.lr[:n].to(self.device), vb.tags[:n]
         self.engine.eval()
-        one = sample(self.model, lr, tags, steps=1, seed=self.cfg.run.seed).image
-        many = sample(self.model, lr, tags, steps=self.cfg.validation.sample_steps, seed=self.cfg.run.seed).image
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            one = sample(self.model, lr, tags, steps=1, seed=self.cfg.run.seed).image
+            many = sample(self.model, lr, tags, steps=self.cfg.validation.sample_steps, seed=self.cfg.run.seed,
+                          shift=self.cfg.flow.shift).image
         self.engine.train()
         return image_grid(lr, one, many, vb.hr[:n]) if self.rank == 0 else None
 
@@ -341,6 +369,8 @@ class Trainer:
                 "val_loss_by_interval": record["val_loss_by_interval"], "world_size": self.world,
                 "zero_stage": cfg.deepspeed.zero_stage, "t_interval": record["t_interval"],
                 "config": configlib.to_dict(cfg), "record": record, "code": code_id(),
+                "global_step": record["global_step"], "weights": record["weights"],
+                "init_weights": self.init_weights,
             })
             if self.ema is not None:
                 from safetensors.torch import save_file
