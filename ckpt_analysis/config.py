@@ -112,7 +112,8 @@ class ExpertsConfig:
     range from the decision's checkpoint; level 1 then starts from its best checkpoint.
     control: also fine-tune the decision's checkpoint once over the full range with as many steps
     as the whole tree together (an equal-compute baseline for ablations), in parallel with the
-    tree; it is never part of the bundle. command: the trainer command that the contract's
+    tree; it is never part of the bundle; `control_overrides` come after `overrides` for it alone
+    (e.g. the same global batch spread over more workers, so it keeps pace). command: the trainer command that the contract's
     arguments (--config --run --init --t-interval=) follow; `python -m linearsr` runs the package
     that the sidecar ships with each job (cluster/jobs.py)."""
 
@@ -125,14 +126,16 @@ class ExpertsConfig:
     parallel: int = 0
     full_range_first: bool = False
     control: bool = False
+    control_overrides: tuple[str, ...] = ()
     command: str = "python -m linearsr train"
 
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"esgf.experts.steps must be >= 0 (0 = the trainer's budget), got {self.steps}")
-        for item in self.overrides:
-            if "=" not in item:
-                raise ValueError(f"esgf.experts.overrides item {item!r} is not section.key=value")
+        for key in ("overrides", "control_overrides"):
+            for item in getattr(self, key):
+                if "=" not in item:
+                    raise ValueError(f"esgf.experts.{key} item {item!r} is not section.key=value")
         if self.num_cpus < 0:
             raise ValueError(f"esgf.experts.num_cpus must be >= 0, got {self.num_cpus}")
         if self.max_retries < 0:
@@ -210,8 +213,10 @@ def check_config(config: dict) -> ESGFConfig:
     if flow_from_config(config).bisection_depth < 1:
         raise ValueError("flow.bisection_depth must be >= 1: it is the depth of the ESGF expert tree "
                          "(depth d gives 2**d experts; 2 is the default)")
-    try:
-        configlib.from_dict(TrainConfig, configlib.apply_overrides(config, esgf.experts.trainer_overrides()))
-    except ValueError as e:
-        raise ValueError(f"esgf.experts.overrides: {e}") from None
+    overrides = esgf.experts.trainer_overrides()
+    for key, extra in (("overrides", []), ("control_overrides", list(esgf.experts.control_overrides))):
+        try:
+            configlib.from_dict(TrainConfig, configlib.apply_overrides(config, overrides + extra))
+        except ValueError as e:
+            raise ValueError(f"esgf.experts.{key}: {e}") from None
     return esgf

@@ -44,7 +44,8 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", 
 @dataclass(frozen=True)
 class JobSpec:
     """One fine-tune job: `key` names it in state.json ("L2-3", "control"); `steps` is its step
-    budget (0 = the trainer's own); `workers` its (num_workers, grad_accum) when shared."""
+    budget (0 = the trainer's own); `workers` its (num_workers, grad_accum) when shared; `extra`
+    overrides after esgf.experts.overrides (the control's)."""
 
     key: str
     name: str
@@ -53,6 +54,7 @@ class JobSpec:
     init: str
     steps: int = 0
     workers: tuple[int, int] | None = None
+    extra: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def submission_id(run: RunDir, key: str, attempt: int, token: str = "") -> str:
 def entrypoint(spec: JobSpec, run: RunDir, cfg: ESGFConfig) -> str:
     args = shlex.split(cfg.experts.command) + [
         "--config", run.config, "--run", spec.run_url, "--init", spec.init, f"--t-interval={spec.interval.key}"]
-    return shlex.join(args + cfg.experts.trainer_overrides(spec.steps, spec.workers))
+    return shlex.join(args + cfg.experts.trainer_overrides(spec.steps, spec.workers) + list(spec.extra))
 
 
 class JobTracker:

@@ -43,9 +43,9 @@ def node_spec(run: RunDir, node: Node, init: str, steps: int, workers: tuple[int
                    run.path("experts", run_dir_name(node.id, node.interval)), init, steps, workers)
 
 
-def control_spec(run: RunDir, init: str, steps: int, workers: tuple[int, int] | None) -> JobSpec:
+def control_spec(run: RunDir, init: str, steps: int, workers: tuple[int, int] | None, extra: tuple[str, ...]) -> JobSpec:
     return JobSpec(CONTROL, f"control {FULL_RANGE} ({steps} steps, equal compute)", FULL_RANGE,
-                   run.path("experts", run_dir_name(CONTROL, FULL_RANGE)), init, steps, workers)
+                   run.path("experts", run_dir_name(CONTROL, FULL_RANGE)), init, steps, workers, extra)
 
 
 class TreeRun:
@@ -73,7 +73,8 @@ class TreeRun:
     def control(self, decision: dict) -> JobSpec | None:
         if not self.cfg.experts.control:
             return None
-        return control_spec(self.rundir, decision["checkpoint"], self.steps * self.num_nodes, self.workers(self.levels[0]))
+        return control_spec(self.rundir, decision["checkpoint"], self.steps * self.num_nodes, self.workers(self.levels[0]),
+                            self.cfg.experts.control_overrides)
 
     def _first_inits(self, decision: dict) -> dict[str, str]:
         """The starting checkpoint of each node of the first level run."""

@@ -332,7 +332,8 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     from linearsr.trainer.rundir import fs_for
 
     run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000,
-                            esgf={"experts": {"full_range_first": True, "control": True}})
+                            esgf={"experts": {"full_range_first": True, "control": True,
+                                              "control_overrides": ["cluster.num_workers=2", "data.batch_size=4"]}})
     # a partly written last line (object stores are rewritten whole, but a reader may race a writer)
     fs, path = fs_for(join(run, "metrics.jsonl"))
     fs.pipe_file(path, fs.cat_file(path) + b'{"step": 3100, "val_lo')
@@ -350,7 +351,8 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     control = state["tree"]["control"]
     assert control["status"] == "succeeded" and control["steps"] == 30 * 7 and control["best"]["step"] == 20
     args = read_json(join(run, "experts", "control_-inf_inf", "args.json"))
-    assert args["init"] == d["checkpoint"] and "run.steps=210" in args["overrides"] and args["interval"] == "-inf,inf"
+    assert args["init"] == d["checkpoint"] and args["interval"] == "-inf,inf"
+    assert args["overrides"][0] == "run.steps=210" and args["overrides"][-2:] == ["cluster.num_workers=2", "data.batch_size=4"]
     assert _overlap([(args["start"], args["end"]), *_windows(run, ["L0-0"])])  # beside the tree, from the start
     manifest = read_json(join(run, "bundle", "manifest.json"))
     assert len(manifest["experts"]) == 4 and "control" not in {e["node"] for e in manifest["experts"]}
