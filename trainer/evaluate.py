@@ -10,7 +10,9 @@ degradation), upscale with each variant, and measure PSNR-Y / SSIM-Y (border = s
     <name>   1-NFE / N steps      every --compare NAME=BUNDLE (e.g. the knee model alone)
 
 Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | 1-NFE | N-step | HR)
-and the same grid to TensorBoard under OUT/tb."""
+and the same grid to TensorBoard under OUT/tb. Each variant's route (which expert ran at which
+t) is logged and reported; `every_expert_steps(bundle)` is the fewest steps >= 10 at which an
+N-step sample runs every expert of a bundle at least once."""
 
 from __future__ import annotations
 
@@ -45,6 +47,21 @@ class Variant:
     model: str  # key into the loaded bundles
     steps: int
     use_tags: bool
+
+
+def every_expert_steps(bundle: str, at_least: int = 10) -> int:
+    """The fewest Euler steps >= at_least whose grid (the bundle's training shift) visits every
+    expert's log-SNR interval, so an N-step row measures all of them."""
+    from linearsr.model.flow import covering_steps
+
+    moe = load_bundle(bundle)
+    return covering_steps(moe.intervals, moe.shift, at_least=at_least)
+
+
+def route_text(route: list[tuple[float, float, int]], num_experts: int) -> str:
+    """'t 1.00 -> e0, t 0.96 -> e0, ...; experts run: 0, 1, 2, 3 of 4'."""
+    steps = ", ".join(f"t {t:.2f} -> e{i}" for t, _, i in route)
+    return f"{steps}; experts run: {', '.join(str(i) for i in sorted({i for _, _, i in route}))} of {num_experts}"
 
 
 def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -157,6 +174,7 @@ def evaluate(
     (out / "crops").mkdir(parents=True, exist_ok=True)
     images = load_hr_images(hr_dir, max_images)
     per_image: dict[str, dict[str, dict]] = {}
+    routes: dict[str, str] = {}
     grids = []
     for idx, (stem, hr) in enumerate(images):
         hr = modcrop(hr, scale)
@@ -171,6 +189,9 @@ def evaluate(
             seconds = time.perf_counter() - start
             outputs[v.name] = res.image[0]
             results[v.name] = {**_measure(res.image[0], hr, scale, lpips), "seconds": seconds, "nfe": res.nfe}
+            if v.name not in routes:  # every image takes the same route: t alone picks the expert
+                routes[v.name] = route_text(res.route, len(models[v.model].experts))
+                log.info("route of %s: %s", v.name, routes[v.name])
         results["_tags"] = tags
         per_image[stem] = results
         grid = side_by_side([outputs[BICUBIC], outputs[variants[0].name], outputs[variants[1].name], hr], hr)
@@ -186,7 +207,7 @@ def evaluate(
     metrics = {
         "bundle": bundle, "hr_dir": hr_dir, "degradation": degradation, "scale": scale, "steps": steps,
         "guidance": guidance, "seed": seed, "num_images": len(images), "lpips_note": lpips_note,
-        "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, variants),
+        "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, variants), "routes": routes,
     }
     write_json(str(out / "metrics.json"), metrics)
     write_text_atomic(str(out / "report.md"), render_report(metrics, variants))
@@ -235,6 +256,8 @@ def render_report(metrics: dict, variants: list[Variant]) -> str:
     if "lpips_ok" in c:
         lines.append(f"- multi-step LPIPS below bicubic: **{'PASS' if c['lpips_ok'] else 'FAIL'}** "
                      f"({c['lpips_multistep_minus_bicubic']:+.3f})")
+    lines += ["", "## Routes (which expert ran at each sampler step)", ""]
+    lines += [f"- {name}: {route}" for name, route in metrics.get("routes", {}).items()]
     lines += ["", "## Per image (PSNR-Y dB)", "", "| image | tags | " + " | ".join([BICUBIC] + [v.name for v in variants]) + " |",
               "|---" * (len(variants) + 3) + "|"]
     for stem, r in metrics["per_image"].items():
