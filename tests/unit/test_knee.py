@@ -11,6 +11,7 @@ validation leaves of the drop to the end of the budget: (L(knee) - L_end) / (L_f
 measured on the noise-free curve."""
 
 import math
+import os
 import random
 
 import pytest
@@ -216,3 +217,26 @@ def test_late_sustained_rise_onset_within_tolerance(seed):
 def test_esgf_config_rejects_unknown_keys_and_bad_values_by_name(table, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         esgf_from_config({"esgf": table})
+
+
+# cpu_tiny's own curve (EMA weights, constant LR 2e-3), measured with `linearsr train --config
+# configs/cpu_tiny.toml` to step 800 and resumed to 1200: it still falls ~linearly in log(step)
+CPU_TINY_STEPS = list(range(50, 1201, 50))
+CPU_TINY_VAL = [1.2339, 1.1725, 1.1104, 1.0808, 1.0184, 0.9636, 0.895, 0.8521, 0.802, 0.771, 0.7426, 0.7176,
+                0.6967, 0.6786, 0.6673, 0.6545, 0.6444, 0.6374, 0.6326, 0.6248, 0.6193, 0.6101, 0.6031, 0.5937]
+
+
+def test_the_demo_preset_stops_its_still_falling_pretrain_once_a_tenth_of_the_drop_is_left():
+    from linearsr.trainer.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cpu_tiny.toml"))
+    knee_cfg = esgf_from_config(cfg.to_dict()).knee
+    budget = cfg.run.steps
+    n = CPU_TINY_STEPS.index(budget) + 1
+    knee, _ = find_knee(CPU_TINY_STEPS[:n], CPU_TINY_VAL[:n], knee_cfg, budget)
+    assert knee is not None and CPU_TINY_STEPS[knee.fired] < budget  # stopped before the budget's end
+    assert 600 <= CPU_TINY_STEPS[knee.index] <= 850
+    # at 5 % the rule waits for the budget's last validation: the curve is nowhere near a plateau
+    strict, _ = find_knee(CPU_TINY_STEPS[:n], CPU_TINY_VAL[:n], KneeConfig(**{**vars(knee_cfg), "tolerance": 0.05}),
+                          budget)
+    assert strict is None or CPU_TINY_STEPS[strict.fired] == budget
