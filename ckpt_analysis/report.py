@@ -5,9 +5,10 @@ weights' beside it), its smoothed curve, the knee rule's threshold, the knee, wh
 fired (the pretrain's stop), the divergence onset and the chosen checkpoint (top), and the loss
 per log-SNR interval with each interval's own knee (bottom).
 TensorBoard, in the same run as the loss curves: the decision and the stop as text
-(`esgf/decision`, `esgf/stop`), the picture (`esgf/curve`), and two marker runs, RUN/tb/esgf_knee
-and RUN/tb/esgf_stop, each a vertical segment on the `loss/val_loss` chart at the knee / stop step
-(TensorBoard overlays runs that share a tag), plus the scalar `esgf/checkpoint_step`.
+(`esgf/decision`, `esgf/stop`), the picture (`esgf/curve`), the scalars `esgf/checkpoint_step`
+and `esgf/diverged` (1 at the onset); and marker runs RUN/analysis/tb/{knee,stop,diverged}, each
+a vertical segment on the `loss/val_loss` chart at its step (TensorBoard overlays runs that share
+a tag: `make tensorboard` serves runs/, which holds both).
 """
 
 from __future__ import annotations
@@ -122,12 +123,12 @@ def decision_markdown(decision: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_events(run: RunDir, subdir: str, write: Callable) -> None:
-    """Run `write(SummaryWriter)` on an event file in RUN/tb/<subdir> (RUN/tb itself for ""),
-    through a local folder that is copied up when the run dir is remote."""
+def _write_events(run: RunDir, marker: str, write: Callable) -> None:
+    """Run `write(SummaryWriter)` on an event file in RUN/tb (marker "") or the marker run
+    RUN/analysis/tb/<marker>, through a local folder that is copied up when the run dir is remote."""
     from torch.utils.tensorboard import SummaryWriter
 
-    dest = join(run.tb, subdir) if subdir else run.tb
+    dest = join(run.analysis, "tb", marker) if marker else run.tb
     with tempfile.TemporaryDirectory(prefix="esgf-tb-") as tmp:
         target = local_path(dest) if is_local(dest) else tmp
         writer = SummaryWriter(log_dir=target, filename_suffix=".esgf")
@@ -142,7 +143,7 @@ def _write_events(run: RunDir, subdir: str, write: Callable) -> None:
 
 
 def _marker(run: RunDir, name: str, step: int, values: list[float]) -> None:
-    """A vertical segment at `step` spanning the val-loss curve, in the marker run RUN/tb/<name>."""
+    """A vertical segment at `step` spanning the val-loss curve, in the marker run RUN/analysis/tb/<name>."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return
@@ -165,13 +166,15 @@ def log_to_tensorboard(run: RunDir, analysis: Analysis, decision: dict, png: byt
         w.add_text("esgf/decision", decision_markdown(decision), global_step=step)
         if decision.get("checkpoint_step") is not None:
             w.add_scalar("esgf/checkpoint_step", decision["checkpoint_step"], global_step=decision["checkpoint_step"])
+        if analysis.divergence is not None:
+            w.add_scalar("esgf/diverged", 1.0, global_step=analysis.divergence.step)
         w.add_image("esgf/curve", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), global_step=step, dataformats="HWC")
 
     _write_events(run, "", write)
     if analysis.knee_step is not None:
-        _marker(run, "esgf_knee", analysis.knee_step, analysis.curve.val_loss)
+        _marker(run, "knee", analysis.knee_step, analysis.curve.val_loss)
     if analysis.divergence is not None:
-        _marker(run, "esgf_diverged", analysis.divergence.step, analysis.curve.val_loss)
+        _marker(run, "diverged", analysis.divergence.step, analysis.curve.val_loss)
     log.info("decision logged to TensorBoard in %s", run.tb)
 
 
@@ -181,7 +184,7 @@ def log_stop(run: RunDir, stop: dict) -> None:
     step = stop["last_step"] or 0
     try:
         _write_events(run, "", lambda w: w.add_text("esgf/stop", text, global_step=step))
-        _marker(run, "esgf_stop", step, [float(r["val_loss"]) for r in read_metrics(run.url) if r.get("val_loss") is not None])
+        _marker(run, "stop", step, [float(r["val_loss"]) for r in read_metrics(run.url) if r.get("val_loss") is not None])
     except OSError as e:
         log.warning("could not write the stop to TensorBoard at %s: %s", run.tb, e)
 

@@ -201,7 +201,7 @@ def test_the_knee_stops_the_pretrain_and_the_tree_runs_level_by_level_into_a_bun
     stop = state["pretrain_stopped"]
     assert stop["job"] == pretrain and stop["kind"] == "knee" and stop["last_step"] == 3000
     assert f"the knee is confirmed at step {d['confirmed_at']}" in stop["reason"]
-    acc = EventAccumulator(join(run, "tb", "esgf_stop"))
+    acc = EventAccumulator(join(run, "analysis", "tb", "stop"))
     acc.Reload()
     assert {e.step for e in acc.Scalars("loss/val_loss")} == {3000}
     assert any("the knee checkpoint was trained by code 0123456789ab" in e["event"] for e in state["events"])
@@ -363,9 +363,8 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     local_tb = tmp_path / "tb"
     local_tb.mkdir()
     for f in tb_files:
-        if fs.isfile(f):
-            fs.get_file(f, str(local_tb / os.path.basename(f)))
+        fs.get_file(f, str(local_tb / os.path.basename(f)))
     acc = EventAccumulator(str(local_tb))
     acc.Reload()
     assert [e.step for e in acc.Scalars("esgf/checkpoint_step")] == [d["checkpoint_step"]]
-    assert fs.exists(fs_for(join(run, "tb", "esgf_knee"))[1])
+    assert fs.exists(fs_for(join(run, "analysis", "tb", "knee"))[1])

@@ -104,7 +104,8 @@ def test_decision_is_written_with_picture_and_tensorboard_record(tmp_path):
     text = acc.Tensors("esgf/decision/text_summary")[0].tensor_proto.string_val[0].decode()
     assert d["checkpoint"] in text and "best_before_divergence" in text
     # the onset as a vertical segment on the val-loss chart (a marker run beside the trainer's)
-    assert {e.step for e in _events(os.path.join(run, "tb", "esgf_diverged")).Scalars("loss/val_loss")} == {2600}
+    assert [(e.step, e.value) for e in acc.Scalars("esgf/diverged")] == [(2600, 1.0)]
+    assert {e.step for e in _events(os.path.join(run, "analysis", "tb", "diverged")).Scalars("loss/val_loss")} == {2600}
 
 
 def test_the_knee_and_the_stop_are_marked_on_the_val_loss_chart(tmp_path):
@@ -114,14 +115,14 @@ def test_the_knee_and_the_stop_are_marked_on_the_val_loss_chart(tmp_path):
     sidecar = Sidecar(run)
     d = sidecar.record_decision(sidecar.analyze())
     assert d["method"] == "knee"
-    marker = _events(os.path.join(run, "tb", "esgf_knee")).Scalars("loss/val_loss")
+    marker = _events(os.path.join(run, "analysis", "tb", "knee")).Scalars("loss/val_loss")
     vals = [r["val_loss"] for r in sidecar.run.read_metrics()]
     assert [(e.step, e.value) for e in marker] == [(d["knee_step"], pytest.approx(min(vals), rel=1e-6)),
                                                    (d["knee_step"], pytest.approx(max(vals), rel=1e-6))]
     text = _events(os.path.join(run, "tb")).Tensors("esgf/decision/text_summary")[0].tensor_proto.string_val[0].decode()
     assert f"knee step: {d['knee_step']}, confirmed at step {d['confirmed_at']}" in text and "| -inf,-1.35 |" in text
     log_stop(sidecar.run, {"job": "JOB", "kind": "knee", "reason": "the knee is confirmed", "last_step": 3200, "at": 0})
-    assert {e.step for e in _events(os.path.join(run, "tb", "esgf_stop")).Scalars("loss/val_loss")} == {3200}
+    assert {e.step for e in _events(os.path.join(run, "analysis", "tb", "stop")).Scalars("loss/val_loss")} == {3200}
     stop = _events(os.path.join(run, "tb")).Tensors("esgf/stop/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "pretrain stopped** (knee) after step 3200" in stop
 
