@@ -123,7 +123,7 @@ def interval_knees(curve: Curve, cfg: ESGFConfig, flow: FlowConfig, budget: int 
                    upto: int, before_step: int | None) -> dict[str, dict]:
     """The knee rule on each validation interval and each level-1 node of the tree, on the
     validations 0..upto-1: {key: {knee_step, checkpoint_step, checkpoint, method}}."""
-    curves = {k: v for k, v in curve.by_interval.items()}
+    curves = dict(curve.by_interval)
     for node in flow.tree()[1] if flow.bisection_depth >= 1 else []:
         if node.interval.key not in curves and (c := curve.node_curve(node.interval, flow)) is not None:
             curves[node.interval.key] = c
