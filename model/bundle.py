@@ -26,6 +26,7 @@ from linearsr.model.sampler import MoE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+OWN_FIELDS = ("format", "scale", "model", "knee_step", "experts", "tagger")  # what write_bundle sets itself
 
 
 def _json_safe(x: Any) -> Any:
@@ -160,8 +161,11 @@ def write_bundle(
     "weights": file name relative to the bundle, "val_loss": x}, ...] sorted by interval and
     covering all log-SNR values. The weight (and tagger) files must already be in the folder.
     `extra`: more top-level fields, e.g. {"sampling": {"shift": 3.0}} (the training shift that
-    multi-step grids follow) and the ESGF tree the experts came from."""
+    multi-step grids follow) and the ESGF tree the experts came from; None keeps those of the
+    manifest already in the folder, so rewriting a bundle in place (to add a tagger) keeps them."""
     bundle_dir = Path(bundle_dir)
+    if extra is None and (bundle_dir / MANIFEST).is_file():
+        extra = {k: v for k, v in read_manifest(bundle_dir).items() if k not in OWN_FIELDS}
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
     if scale is not None and scale != cfg.scale:
         raise ValueError(f"bundle scale {scale} differs from the model config's scale {cfg.scale}")

@@ -54,3 +54,13 @@ def test_the_n_step_row_runs_every_leaf_and_the_report_prints_the_route(moe_bund
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Routes" in report and f"- LinearSR {steps}-step: {route}" in report
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["routes"] == m["routes"]
+
+
+def test_rewriting_a_bundle_in_place_keeps_its_shift_and_tree(moe_bundle):
+    from linearsr.model.bundle import read_manifest
+
+    manifest = read_manifest(moe_bundle)
+    write_bundle(moe_bundle, manifest["experts"], manifest["model"], extra={"sampling": {"shift": 3.0},
+                                                                           "tree": {"depth": 2}})
+    write_bundle(moe_bundle, manifest["experts"], manifest["model"])  # as adding a tagger does
+    assert read_manifest(moe_bundle)["tree"] == {"depth": 2} and load_bundle(moe_bundle).shift == 3.0
