@@ -16,6 +16,7 @@ import argparse
 
 from linearsr.ckpt_analysis.decision import Analysis
 from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
+from linearsr.model.flow import Interval
 from linearsr.trainer.rundir import dumps
 
 
@@ -57,7 +58,7 @@ def _print_text(s: dict) -> None:
     print(f"{head}: {d['checkpoint']} (step {d.get('checkpoint_step')})")
     print(f"  knee step {d.get('knee_step')} (confirmed at step {d.get('confirmed_at')}), "
           f"{'diverged at ' + str(d['diverged_at']) if d.get('diverged_at') is not None else 'no divergence'}, method {d['method']}")
-    for key, k in (d.get("intervals") or {}).items():
+    for key, k in sorted((d.get("intervals") or {}).items(), key=lambda kv: Interval.parse(kv[0])):
         print(f"  interval {key:>14s}: knee step {k['knee_step']}, checkpoint step {k['checkpoint_step']}")
     print(f"  {d['reason']}")
 
