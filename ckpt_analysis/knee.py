@@ -124,19 +124,20 @@ def check_prefix(steps: Sequence[int], values: Sequence[float], cfg: KneeConfig,
 @dataclass(frozen=True)
 class Knee:
     """A fired rule: `fired` is the index of the last validation of the prefix it fired on,
-    `index` the knee (into the same validations), `test` the rule's numbers on that prefix."""
+    `index` the knee (into the same validations), `check` the rule's numbers on that prefix."""
 
     index: int
     fired: int
     check: RuleCheck
 
 
-def find_knee(steps: Sequence[int], values: Sequence[float], cfg: KneeConfig, budget: int | None) -> tuple[Knee | None, RuleCheck | None]:
+def find_knee(steps: Sequence[int], values: Sequence[float], cfg: KneeConfig,
+              budget: int | None) -> tuple[Knee | None, RuleCheck | None]:
     """Replay the rule on every prefix in order: (the knee of the first prefix it fires on, or
     None; the rule's numbers on the last prefix evaluated, None when the curve is too short).
     `values` must be finite (cut the curve at divergence first)."""
     run, check = 0, None
-    for n in range(max(cfg.min_validations, cfg.window, 2), len(values) + 1):
+    for n in range(cfg.min_validations, len(values) + 1):  # min_validations >= window >= 3
         check = check_prefix(steps[:n], values[:n], cfg, budget)
         run = run + 1 if check.holds else 0
         if run >= cfg.patience:
