@@ -204,3 +204,20 @@ def test_expert_job_ids_name_the_decision():
     assert decision_token(d1) != decision_token(d2)
     run = RunDir("runs/demo")
     assert submission_id(run, "expert-2", 1, decision_token(d1)) == f"demo-{decision_token(d1)}-expert-2-try-1"
+
+
+def test_shared_workers_split_the_pretrains_gpus_and_keep_its_global_batch(tmp_path):
+    from linearsr.ckpt_analysis.config import shared_workers
+    from linearsr.ckpt_analysis.experts import entrypoint
+    from linearsr.ckpt_analysis.tree import TreeRun, node_spec
+
+    config = {"cluster": {"num_workers": 4}, "optim": {"grad_accum": 1}}
+    assert [shared_workers(config, jobs) for jobs in (1, 2, 3, 4, 8)] == [(4, 1), (2, 2), (1, 4), (1, 4), (1, 4)]
+    run = make_run(tmp_path / "share", 3, config={"run": {"steps": 1000}, "cluster": {"num_workers": 4},
+                                                   "esgf": {"experts": {"share_workers": True, "steps": 50}}})
+    sidecar = Sidecar(run)
+    tree = TreeRun(sidecar.run, sidecar.config, sidecar.cfg, sidecar.flow, sidecar.state, None, 1)
+    level1, level2 = sidecar.flow.tree()[1:]
+    assert tree.workers(level1) == (2, 2) and tree.workers(level2) == (1, 4)  # base_x4: 2 + 2, then 1 each
+    cmd = entrypoint(node_spec(sidecar.run, level2[0], "CKPT", 50, tree.workers(level2)), sidecar.run, sidecar.cfg)
+    assert cmd.endswith("run.steps=50 cluster.num_workers=1 optim.grad_accum=4")
