@@ -1,11 +1,13 @@
 """`linearsr analyze RUN`: the ESGF decision, or why there is none yet.
 
-    linearsr analyze runs/tiny                 one look: prints the decision (or why not yet) and
-                                               rewrites RUN/analysis/curve.png
+    linearsr analyze runs/tiny                 one look: prints the decision (or why not yet), the
+                                               knee of every log-SNR interval, and rewrites
+                                               RUN/analysis/curve.png
     linearsr analyze runs/tiny --json          the same as one JSON object
     linearsr analyze runs/tiny --watch [--pretrain-job ID]
-                                               the sidecar: poll, decide once, stop a diverged
-                                               pretrain job, run the experts, write the bundle
+                                               the sidecar: poll, decide once, stop the pretrain
+                                               job (at the knee, or diverged), run the expert
+                                               tree, write the bundle
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 
 from linearsr.ckpt_analysis.decision import Analysis
 from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
+from linearsr.model.flow import Interval
 from linearsr.trainer.rundir import dumps
 
 
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finished", action="store_true",
                         help="treat the pretrain run as finished: decide with the validations there are")
     parser.add_argument("--pretrain-job", default=None,
-                        help="Ray submission id of the pretrain job (stopped on divergence; remembered in state.json)")
+                        help="Ray submission id of the pretrain job (stopped at the knee or on divergence; remembered in state.json)")
     parser.add_argument("--ray-address", default=None, help="Ray Jobs API URL (default: esgf.ray_address, RAY_ADDRESS, `make ray-up`)")
     parser.add_argument("--poll", type=float, default=None, help="seconds between polls (default: esgf.poll_seconds)")
 
@@ -53,7 +56,10 @@ def _print_text(s: dict) -> None:
         return
     head = "decision" if s["decided"] else "decision due (the sidecar takes it on its next poll)"
     print(f"{head}: {d['checkpoint']} (step {d.get('checkpoint_step')})")
-    print(f"  knee step {d.get('knee_step')}, {'diverged at ' + str(d['diverged_at']) if d.get('diverged_at') is not None else 'no divergence'}, method {d['method']}")
+    print(f"  knee step {d.get('knee_step')} (confirmed at step {d.get('confirmed_at')}), "
+          f"{'diverged at ' + str(d['diverged_at']) if d.get('diverged_at') is not None else 'no divergence'}, method {d['method']}")
+    for key, k in sorted((d.get("intervals") or {}).items(), key=lambda kv: Interval.parse(kv[0])):
+        print(f"  interval {key:>14s}: knee step {k['knee_step']}, checkpoint step {k['checkpoint_step']}")
     print(f"  {d['reason']}")
 
 

@@ -1,13 +1,14 @@
-"""Expert fine-tune jobs: submit one Ray Job per log-SNR interval in parallel, track them, retry
-failures, and assemble RUN/bundle/ from each expert's best checkpoint.
+"""Fine-tune jobs: submit Ray Jobs, track them, retry failures; each fine-tune's best checkpoint;
+RUN/bundle/ from the leaves' best checkpoints.
 
 Each job runs the trainer's fine-tune mode (the contract in docs/architecture.md):
 
-    linearsr train --config RUN/config.json --run RUN/experts/<i>_<lo>_<hi> --init CKPT \
+    linearsr train --config RUN/config.json --run RUN/experts/<node>_<lo>_<hi> --init CKPT \
         --t-interval=<lo>,<hi> [run.steps=N] [esgf.experts.overrides ...]
 
-under the deterministic submission id `<run-name>-<decision token>-expert-<i>-try-<n>` (the optional
-full-range ESGF fine-tune: `<run-name>-<token>-esgf-full-try-<n>`, run dir RUN/experts/full_-inf_inf).
+under the deterministic submission id `<run-name>-<decision token>-<key>-try-<n>`, where the key
+names the tree node ("L2-3") or the equal-compute control ("control"); ckpt_analysis/tree.py
+decides which jobs run when.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from linearsr.ckpt_analysis.decision import curve_from_records
 from linearsr.ckpt_analysis.knee import detect_divergence
 from linearsr.ckpt_analysis.state import State
 from linearsr.cluster.jobs import Jobs, JobInfo
-from linearsr.model.flow import FULL_RANGE, Interval, check_partition
 from linearsr.core import storage
-from linearsr.trainer.rundir import RunDir
+from linearsr.model.flow import Interval, check_partition
+from linearsr.trainer.rundir import RunDir, read_json
 
 log = logging.getLogger(__name__)
 
-FULL_KEY = "esgf-full"
 MANIFEST = "manifest.json"
 # environment a job needs to reach the same storage; credentials are never forwarded
 # (a cluster node has its own), so they cannot leak into Ray's job records
@@ -44,13 +44,29 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One fine-tune job: `key` names it in state.json ("expert-2", "esgf-full")."""
+    """One fine-tune job: `key` names it in state.json ("L2-3", "control"); `steps` is its step
+    budget (0 = the trainer's own); `workers` its (num_workers, grad_accum) when shared; `extra`
+    overrides after esgf.experts.overrides (the control's)."""
 
     key: str
     name: str
     interval: Interval
     run_url: str
     init: str
+    steps: int = 0
+    workers: tuple[int, int] | None = None
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A fine-tune's best checkpoint: what goes into the bundle for one interval."""
+
+    interval: Interval
+    checkpoint: str
+    step: int
+    val_loss: float
+    node: str = ""
 
 
 def run_name(run: RunDir) -> str:
@@ -70,20 +86,10 @@ def submission_id(run: RunDir, key: str, attempt: int, token: str = "") -> str:
     return f"{run_name(run)}-{token + '-' if token else ''}{key}-try-{attempt}"
 
 
-def expert_specs(run: RunDir, intervals: list[Interval], init: str) -> list[JobSpec]:
-    return [JobSpec(f"expert-{i}", f"expert {i} {iv}", iv, run.expert(i, iv.key).url, init)
-            for i, iv in enumerate(intervals)]
-
-
-def full_range_spec(run: RunDir, init: str) -> JobSpec:
-    return JobSpec(FULL_KEY, f"ESGF full-range fine-tune {FULL_RANGE}", FULL_RANGE,
-                   run.path("experts", "full_-inf_inf"), init)
-
-
 def entrypoint(spec: JobSpec, run: RunDir, cfg: ESGFConfig) -> str:
     args = shlex.split(cfg.experts.command) + [
         "--config", run.config, "--run", spec.run_url, "--init", spec.init, f"--t-interval={spec.interval.key}"]
-    return shlex.join(args + cfg.experts.trainer_overrides())
+    return shlex.join(args + cfg.experts.trainer_overrides(spec.steps, spec.workers) + list(spec.extra))
 
 
 class JobTracker:
@@ -101,7 +107,7 @@ class JobTracker:
         if rec is None:
             rec = self.state.jobs[spec.key] = {
                 "name": spec.name, "interval": spec.interval.key, "run": spec.run_url, "init": spec.init,
-                "status": "waiting", "budget": 1 + self.cfg.experts.max_retries, "attempts": []}
+                "steps": spec.steps, "status": "waiting", "budget": 1 + self.cfg.experts.max_retries, "attempts": []}
         elif rec["init"] != spec.init or rec["run"] != spec.run_url:
             raise ValueError(f"state.json already tracks {spec.key} for {rec['init']} -> {rec['run']}; "
                              f"remove {self.rundir.state} to start the experts over")
@@ -178,12 +184,14 @@ class JobTracker:
             f", {counts[s]} {s}" for s in order[1:] if counts.get(s))
 
     def run(self, specs: list[JobSpec], poll_seconds: float, on_poll: Callable[[], None] | None = None,
-            max_connection_errors: int = 20) -> dict[str, str]:
-        """Submit (at most `experts.parallel` at once), follow and retry until every job is
-        succeeded or failed; returns key -> final status. `on_poll` runs once per poll."""
+            wait_for: list[str] | None = None, max_connection_errors: int = 20) -> dict[str, str]:
+        """Submit (at most `experts.parallel` at once), follow and retry the jobs until each of
+        `wait_for` (default: all) has succeeded or failed; returns key -> status of every job.
+        The others keep running (a later call follows them). `on_poll` runs once per poll."""
         for spec in specs:
             self.add(spec)
         keys = [s.key for s in specs]
+        waited = wait_for if wait_for is not None else keys
         by_key = {s.key: s for s in specs}
         errors, last_progress = 0, None
         while True:
@@ -215,17 +223,17 @@ class JobTracker:
                 self.state.event(f"jobs: {progress}")
                 self.state.save()
                 last_progress = progress
-            if all(self.state.jobs[k]["status"] in ("succeeded", "failed") for k in keys):
+            if all(self.state.jobs[k]["status"] in ("succeeded", "failed") for k in waited):
                 return {k: self.state.jobs[k]["status"] for k in keys}
             self.sleep(poll_seconds)
 
 
-def best_checkpoint(run: RunDir, interval: Interval, cfg: ESGFConfig) -> tuple[str, int, float]:
-    """(checkpoint URL, step, val loss) of a fine-tune run: the lowest validation loss on its
-    interval among its checkpoints, never one at or after divergence."""
+def best_checkpoint(run: RunDir, interval: Interval, cfg: ESGFConfig, node: str = "") -> "Chosen":
+    """A fine-tune run's checkpoint with the lowest validation loss on its interval, never one at
+    or after divergence (EMA weights' loss when the run keeps them)."""
     curve = curve_from_records(run.read_metrics())
     vals = curve.by_interval.get(interval.key) or curve.val_loss
-    div = detect_divergence(curve.steps, vals, cfg.divergence, curve.train_loss, cfg.knee.smoothing, cfg.knee.window)
+    div = detect_divergence(curve.steps, curve.val_loss_raw or vals, cfg.divergence, curve.train_loss)
     candidates = [(v, s) for s, v in zip(curve.steps, vals)
                   if s in curve.checkpoints and math.isfinite(v) and (div is None or s < div.step)
                   and checkpoint_complete(curve.checkpoints[s])]
@@ -234,7 +242,7 @@ def best_checkpoint(run: RunDir, interval: Interval, cfg: ESGFConfig) -> tuple[s
         raise ValueError(f"the fine-tune in {run.url} has no checkpoint with a finite val loss{where}; "
                          "see its metrics.jsonl and job log")
     v, s = min(candidates)
-    return curve.checkpoints[s], s, v
+    return Chosen(interval, curve.checkpoints[s], s, v, node)
 
 
 def checkpoint_complete(ckpt_url: str) -> bool:
@@ -259,27 +267,30 @@ def _default_write_bundle(bundle_dir: str, **kw) -> None:
 def assemble_bundle(
     run: RunDir,
     config: dict,
-    experts: list[tuple[int, Interval, str]],
+    experts: list[Chosen],
     knee_step: int | None,
-    cfg: ESGFConfig,
+    extra: dict | None = None,
     export: Callable[[str, str], None] | None = None,
     write_bundle: Callable[..., None] | None = None,
 ) -> str:
-    """Export each expert's best checkpoint and write RUN/bundle/ (manifest written last, so a
-    bundle without every interval never has a manifest). `experts`: (index, interval, run URL).
-    `export` / `write_bundle` default to the trainer's and the model's. Returns the bundle URL."""
+    """Export each expert's checkpoint (EMA weights when it has them) and write RUN/bundle/
+    (manifest written last, so a bundle without every interval never has a manifest).
+    `extra`: more manifest fields (the tree, the sampling shift). `export` / `write_bundle`
+    default to the trainer's and the model's. Returns the bundle URL."""
     export = export or _default_export
     write_bundle = write_bundle or _default_write_bundle
-    check_partition([iv for _, iv, _ in experts])
-    chosen = {i: best_checkpoint(RunDir(url), iv, cfg) for i, iv, url in experts}
+    check_partition([e.interval for e in experts])
     with tempfile.TemporaryDirectory(prefix="linearsr-bundle-") as tmp:
         entries = []
-        for i, iv, _ in experts:
-            ckpt, step, val = chosen[i]
-            log.info("expert %d %s: exporting step %d (val loss %.4g) from %s", i, iv, step, val, ckpt)
-            export(ckpt, os.path.join(tmp, f"expert_{i}"))
-            entries.append({"interval": [iv.lo, iv.hi], "weights": f"expert_{i}.safetensors", "val_loss": val})
-        write_bundle(tmp, experts=entries, model_config=config.get("model") or {}, knee_step=knee_step, tagger=None)
+        for i, e in enumerate(experts):
+            log.info("expert %d %s: exporting step %d (val loss %.4g) from %s", i, e.interval, e.step, e.val_loss, e.checkpoint)
+            export(e.checkpoint, os.path.join(tmp, f"expert_{i}"))
+            weights = read_json(os.path.join(tmp, f"expert_{i}.json")).get("weights")
+            entries.append({"interval": [e.interval.lo, e.interval.hi], "weights": f"expert_{i}.safetensors",
+                            "val_loss": e.val_loss, "node": e.node, "checkpoint": e.checkpoint, "step": e.step,
+                            "weights_from": weights})
+        write_bundle(tmp, experts=entries, model_config=config.get("model") or {}, knee_step=knee_step, tagger=None,
+                     extra=extra)
         storage.upload_dir(tmp, run.bundle, [n for n in sorted(os.listdir(tmp)) if n != MANIFEST])
         storage.put_file(os.path.join(tmp, MANIFEST), storage.join(run.bundle, MANIFEST))  # last
     return run.bundle

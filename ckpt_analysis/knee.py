@@ -1,99 +1,161 @@
-"""Knee and divergence detection on a validation-loss curve: pure functions on lists.
+"""The knee rule and divergence detection on a validation-loss curve: pure functions on lists.
 
-Smoothing (see `KneeConfig`): a running median of `window` points (optional) followed by an EMA
-with alpha = 2 / (window + 1). The knee uses the zero-phase form (centred median, EMA run
-forward then backward) so smoothing does not delay the knee; divergence uses the causal form
-(trailing median, forward EMA with bias correction) so a rise is never seen before it happened.
+Smoothing without lag. Each validation's smoothed loss is a least-squares line in log(step) over
+`window` validations, evaluated at that validation: centred inside the curve, the last `window`
+points at its end (as Savitzky-Golay filters end). A line has no lag: on a curve that is
+straight in log(step) the smoothed curve is the curve itself, at the last point too. A centred
+median of 3 runs first, so one wild validation does not bend the line.
 
-The knee is Kneedle (Satopää et al. 2011, the `kneed` package) on the smoothed curve before any
-divergence. Divergence is the first validation that is non-finite, spikes above a multiple of
-the best loss so far, or where the smoothed loss stays a set fraction above its minimum.
+The rule, evaluated on every prefix of the curve as the sidecar sees it grow. At the prefix's
+last validation n (step x_n), with the budget's last step X (run.steps):
+
+    slope g      the smoothed line's slope per unit log(step) there, minus `confidence` standard
+                 errors (from the curve's own scatter around its smoothed values): the loss may
+                 well be falling this fast
+    recent I     = -g * log(x_n / x_{n-window+1})       the drop over the last `window` validations
+    projected R  = -g * log(X / x_n)                    the drop still to come if the loss kept
+                 falling at that rate in log(step) to the end of the budget; losses flatten in
+                 log(step) (they are convex there), so R bounds what is left
+    drop D       = max - min of the smoothed prefix     the drop so far; D + R the projected total
+
+It holds when I + R <= tolerance * (D + R). It fires when it has held on `patience` prefixes in
+a row (and the prefix has >= min_validations points). The knee is then the earliest validation
+whose smoothed loss is <= threshold = min(smoothed) - R + tolerance * (D + R): the earliest point
+that leaves at most `tolerance` of the projected total drop unused.
+
+Prefix stability: the decision is a function of the prefix on which the rule first fired, and
+`find_knee` replays the prefixes in order, so every longer prefix of the same curve gives the
+same knee. Since I <= I + R <= tolerance * (D + R) implies I <= tolerance * D, no decision is
+taken while the last `window` validations still improve by more than `tolerance` of the drop.
+
+Divergence is the first validation that is non-finite (val or train loss), spikes above a
+multiple of the best loss so far, or where the causally smoothed loss (trailing median of 3)
+stays a set fraction above its minimum; each test uses only the past, so it is prefix-stable too.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from linearsr.ckpt_analysis.config import DivergenceConfig, KneeConfig
 
 
-def _ema_forward(values: Sequence[float], alpha: float, bias_correct: bool) -> list[float]:
-    out, acc, weight = [], 0.0, 0.0
-    for v in values:
-        acc = alpha * v + (1 - alpha) * acc
-        weight = alpha + (1 - alpha) * weight
-        out.append(acc / weight if bias_correct else acc)
+def despike(values: Sequence[float]) -> np.ndarray:
+    """Centred median of 3; the two end points unchanged (no future is assumed)."""
+    v = np.asarray(values, dtype=np.float64)
+    out = v.copy()
+    if len(v) > 2:
+        out[1:-1] = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
     return out
 
 
-def _ema_zero_phase(values: Sequence[float], alpha: float) -> list[float]:
-    fwd = _ema_forward(values, alpha, bias_correct=True)
-    return _ema_forward(fwd[::-1], alpha, bias_correct=True)[::-1]
+def _lines(u: np.ndarray, y: np.ndarray, lo: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares y = a + g u over u[lo_i : lo_i + window] for each start lo_i: (a, g, sum of
+    squared deviations of u), from running sums."""
+    def window_sum(x):
+        c = np.concatenate([[0.0], np.cumsum(x)])
+        return c[lo + window] - c[lo]
+
+    su, sy, suu, suy = (window_sum(x) for x in (u, y, u * u, u * y))
+    sxx = suu - su * su / window
+    g = np.where(sxx > 1e-12, (suy - su * sy / window) / np.where(sxx > 1e-12, sxx, 1.0), 0.0)
+    return (sy - g * su) / window, g, sxx
 
 
-def _running_median(values: Sequence[float], window: int, centred: bool) -> list[float]:
-    n, out = len(values), []
-    for i in range(n):
-        if centred:
-            lo, hi = max(0, i - window // 2), min(n, i + window // 2 + 1)
-        else:
-            lo, hi = max(0, i - window + 1), i + 1
-        out.append(statistics.median(values[lo:hi]))
-    return out
+def _starts(n: int, window: int) -> np.ndarray:
+    i = np.arange(n)
+    return np.minimum(np.maximum(0, i - window // 2), max(0, n - window))
 
 
-def smooth(values: Sequence[float], method: str = "median_ema", window: int = 5, causal: bool = False) -> list[float]:
-    """Smoothed copy of `values` (finite floats), same length.
-    method: "ema" | "median_ema" | "none"; causal=True uses only past points for each value."""
-    vals = [float(v) for v in values]
-    if method not in ("ema", "median_ema", "none"):
-        raise ValueError(f"smoothing method {method!r} is unknown; choose ema, median_ema or none")
-    if method == "none" or window <= 1 or len(vals) < 2:
-        return vals
-    alpha = 2.0 / (window + 1)
-    if causal:
-        if method == "median_ema":
-            vals = _running_median(vals, window, centred=False)
-        return _ema_forward(vals, alpha, bias_correct=True)
-    # odd extension at both ends (as scipy's filtfilt): keeps the slope there instead of
-    # pulling the steep first validations toward the later, lower ones
-    pad = min(2 * window, len(vals) - 1)
-    head = [2 * vals[0] - v for v in vals[pad:0:-1]]
-    tail = [2 * vals[-1] - v for v in vals[-2:-pad - 2:-1]]
-    ext = head + vals + tail
-    if method == "median_ema":
-        ext = _running_median(ext, window, centred=True)
-    return _ema_zero_phase(ext, alpha)[pad:pad + len(vals)]
+def smooth(steps: Sequence[int], values: Sequence[float], window: int) -> list[float]:
+    """The smoothed curve (same length): despike, then a line in log(step) over `window`
+    validations around each point (the first / last `window` at the ends)."""
+    if not len(values):
+        return []
+    u, y = np.log(np.asarray(steps, dtype=np.float64)), despike(values)
+    window = min(window, len(u))
+    a, g, _ = _lines(u, y, _starts(len(u), window), window)
+    return (a + g * u).tolist()
 
 
-def find_knee(steps: Sequence[int], smoothed: Sequence[float], cfg: KneeConfig) -> int | None:
-    """Index of the Kneedle knee of the (smoothed) curve, or None when it has none (too short,
-    flat, or no bend in the configured direction)."""
-    from kneed import KneeLocator
+@dataclass(frozen=True)
+class RuleCheck:
+    """The rule's numbers on one prefix (see the module docstring)."""
 
-    if len(steps) < 3 or max(smoothed) - min(smoothed) <= 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # kneed warns "No knee/elbow found"; None says the same
-        loc = KneeLocator(list(steps), list(smoothed), S=cfg.sensitivity, curve=cfg.curve,
-                          direction=cfg.direction, interp_method=cfg.interp_method, online=cfg.online)
-    if loc.knee is None:
-        return None
-    return list(steps).index(loc.knee)
+    n: int  # validations in the prefix
+    smoothed: list[float]
+    slope: float  # per unit log(step), minus `confidence` standard errors; < 0 while the loss may fall
+    recent: float  # I
+    projected: float  # R
+    drop: float  # D
+    allowed: float  # tolerance * (D + R)
+
+    @property
+    def holds(self) -> bool:
+        return self.recent + self.projected <= self.allowed
+
+    @property
+    def threshold(self) -> float:
+        """The knee is the first validation whose smoothed loss is at or below this."""
+        return min(self.smoothed) - self.projected + self.allowed
+
+
+def check_prefix(steps: Sequence[int], values: Sequence[float], cfg: KneeConfig, budget: int | None) -> RuleCheck:
+    """The rule on this prefix (every point of it finite). budget: the run's last step (None:
+    no projection, the rule looks at the recent drop only)."""
+    w = cfg.window
+    s = smooth(steps, values, w)
+    u, y = np.log(np.asarray(steps[-w:], dtype=np.float64)), despike(values)
+    _, g, sxx = (float(x[0]) for x in _lines(u, y[-w:], np.array([0]), w))
+    scatter = 1.4826 * float(np.median(np.abs(y - np.asarray(s))))
+    if sxx > 0:  # the upper end of the falling rate: the slope's standard error, as the curve's scatter says
+        g -= cfg.confidence * scatter / math.sqrt(sxx)
+    rate = max(0.0, -g)
+    projected = rate * max(0.0, math.log(budget / steps[-1])) if budget else 0.0
+    drop = max(s) - min(s)
+    return RuleCheck(len(values), s, g, rate * float(u[-1] - u[0]), projected, drop, cfg.tolerance * (drop + projected))
+
+
+@dataclass(frozen=True)
+class Knee:
+    """A fired rule: `fired` is the index of the last validation of the prefix it fired on,
+    `index` the knee (into the same validations), `check` the rule's numbers on that prefix."""
+
+    index: int
+    fired: int
+    check: RuleCheck
+
+
+def find_knee(steps: Sequence[int], values: Sequence[float], cfg: KneeConfig,
+              budget: int | None) -> tuple[Knee | None, RuleCheck | None]:
+    """Replay the rule on every prefix in order: (the knee of the first prefix it fires on, or
+    None; the rule's numbers on the last prefix evaluated, None when the curve is too short).
+    `values` must be finite (cut the curve at divergence first)."""
+    run, check = 0, None
+    for n in range(cfg.min_validations, len(values) + 1):  # min_validations >= window >= 3
+        check = check_prefix(steps[:n], values[:n], cfg, budget)
+        run = run + 1 if check.holds else 0
+        if run >= cfg.patience:
+            index = next(i for i, v in enumerate(check.smoothed) if v <= check.threshold)
+            return Knee(index, n - 1, check), check
+    return None, check
 
 
 @dataclass(frozen=True)
 class Divergence:
-    """Where divergence began: `index` into the validations, its `step`, and why."""
+    """Where divergence began: `index` into the validations, its `step`, and why; `seen` is the
+    index of the validation at which it became detectable."""
 
     index: int
     step: int
     kind: str  # "nonfinite" | "spike" | "rise"
     detail: str
+    seen: int
 
 
 def detect_divergence(
@@ -101,8 +163,6 @@ def detect_divergence(
     val_loss: Sequence[float],
     cfg: DivergenceConfig,
     train_loss: Sequence[float | None] | None = None,
-    smoothing: str = "median_ema",
-    window: int = 5,
 ) -> Divergence | None:
     """The earliest divergence onset, or None. `train_loss` (same length, None where absent) adds
     the non-finite check on the training loss."""
@@ -111,15 +171,15 @@ def detect_divergence(
         if not math.isfinite(v) or (t is not None and not math.isfinite(t)):
             which = "val loss" if not math.isfinite(v) else "train loss"
             bad = v if not math.isfinite(v) else t
-            first_bad = Divergence(i, steps[i], "nonfinite", f"{which} is {bad} at step {steps[i]}")
+            first_bad = Divergence(i, steps[i], "nonfinite", f"{which} is {bad} at step {steps[i]}", i)
             break
     else:
         first_bad = None
     end = first_bad.index if first_bad else len(val_loss)
     finite = [float(v) for v in val_loss[:end]]
 
-    found = [d for d in (first_bad, _spike(steps, finite, cfg), _rise(steps, finite, cfg, smoothing, window)) if d]
-    return min(found, key=lambda d: d.index) if found else None
+    found = [d for d in (first_bad, _spike(steps, finite, cfg), _rise(steps, finite, cfg)) if d]
+    return min(found, key=lambda d: d.seen) if found else None
 
 
 def _spike(steps: Sequence[int], finite: list[float], cfg: DivergenceConfig) -> Divergence | None:
@@ -127,36 +187,24 @@ def _spike(steps: Sequence[int], finite: list[float], cfg: DivergenceConfig) -> 
     for i, v in enumerate(finite):
         if i > 0 and v > cfg.spike_factor * best:
             return Divergence(i, steps[i], "spike",
-                              f"val loss {v:.4g} at step {steps[i]} is {v / best:.2f}x the best so far ({best:.4g})")
+                              f"val loss {v:.4g} at step {steps[i]} is {v / best:.2f}x the best so far ({best:.4g})", i)
         best = min(best, v)
     return None
 
 
-def _rise(steps: Sequence[int], finite: list[float], cfg: DivergenceConfig, smoothing: str, window: int) -> Divergence | None:
+def _rise(steps: Sequence[int], finite: list[float], cfg: DivergenceConfig) -> Divergence | None:
     run, running_min = 0, math.inf
-    for i, v in enumerate(smooth(finite, smoothing, window, causal=True)):
+    trailing = [statistics.median(finite[max(0, i - 2):i + 1]) for i in range(len(finite))]
+    for i, v in enumerate(trailing):
         running_min = min(running_min, v)
         run = run + 1 if v >= (1 + cfg.rise_fraction) * running_min else 0
         if run >= cfg.window:
-            # the causal smoothing lags: walk back over the raw values that were already clearly
+            # the trailing median lags: walk back over the raw values that were already clearly
             # above the minimum, so the onset is where the climb began, not where it was seen
             j = i - cfg.window + 1
             while j > 0 and finite[j - 1] >= (1 + cfg.rise_fraction / 2) * running_min:
                 j -= 1
             return Divergence(j, steps[j], "rise",
                               f"smoothed val loss rose >= {1 + cfg.rise_fraction:.2f}x its minimum ({running_min:.4g}) "
-                              f"and stayed there for {cfg.window} validations; the climb began at step {steps[j]}")
+                              f"and stayed there for {cfg.window} validations; the climb began at step {steps[j]}", i)
     return None
-
-
-def still_falling(smoothed: Sequence[float], cfg: KneeConfig) -> float | None:
-    """If the curve has not flattened yet, the fraction of its total drop lost over the last
-    `confirm_validations` validations (> plateau_tolerance); None when it has flattened."""
-    k = cfg.confirm_validations
-    if len(smoothed) <= k:
-        return math.inf
-    total = smoothed[0] - min(smoothed)
-    if total <= 0:
-        return None
-    recent = (smoothed[-1 - k] - smoothed[-1]) / total
-    return recent if recent > cfg.plateau_tolerance else None

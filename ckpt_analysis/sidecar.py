@@ -1,12 +1,14 @@
-"""The ESGF sidecar: watch a pretrain run, decide once, act.
+"""The ESGF sidecar: watch a pretrain run, decide once, stop it, act.
 
     Sidecar(RUN).watch()        poll metrics.jsonl until a decision is due (knee confirmed,
                                 divergence, or the run finished), write analysis/decision.json,
-                                curve.png and the TensorBoard record; stop the pretrain job if it
-                                diverged; then run the experts and write the bundle.
-    Sidecar(RUN).run_experts(d) fine-tune one expert per interval in parallel from decision `d`
-                                (optionally one full-range fine-tune first), retry failures,
-                                export each expert's best checkpoint into RUN/bundle/.
+                                curve.png and the TensorBoard record; stop the pretrain job at the
+                                knee (esgf.stop_at_knee) or on divergence, also when it diverged
+                                before any usable checkpoint; then run the expert tree and write
+                                the bundle.
+    Sidecar(RUN).run_experts(d) fine-tune the tree level by level from decision `d`
+                                (ckpt_analysis/tree.py), retry failures, export the leaves' best
+                                checkpoints into RUN/bundle/.
 
 Everything it does is recorded in analysis/state.json first, so a killed sidecar, restarted
 with the same command, picks up where it stopped and never submits a job twice.
@@ -20,16 +22,14 @@ import os
 import time
 from collections.abc import Callable
 
-from linearsr.ckpt_analysis.config import esgf_from_config, expert_intervals
-from linearsr.ckpt_analysis.decision import Analysis, analyze
-from linearsr.ckpt_analysis.experts import (
-    JobTracker, assemble_bundle, best_checkpoint, checkpoint_complete, decision_token, expert_specs, full_range_spec,
-)
+from linearsr.ckpt_analysis.config import esgf_from_config, flow_from_config
+from linearsr.ckpt_analysis.decision import Analysis, analyze, curve_from_records
+from linearsr.ckpt_analysis.experts import JobTracker, assemble_bundle, checkpoint_complete, decision_token
 from linearsr.ckpt_analysis.knee import detect_divergence
-from linearsr.ckpt_analysis.report import write_decision_outputs
+from linearsr.ckpt_analysis.report import log_stop, write_decision_outputs
 from linearsr.ckpt_analysis.state import State
+from linearsr.ckpt_analysis.tree import TreeRun
 from linearsr.cluster.jobs import Jobs
-from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer.rundir import RunDir, exists, is_local, local_path, read_json, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class Sidecar:
         self.run = RunDir(absolute(run_url))
         self.config = load_run_config(self.run)
         self.cfg = esgf_from_config(self.config)
-        self.intervals = expert_intervals(self.config, self.cfg)
+        self.flow = flow_from_config(self.config)
+        self.budget = (self.config.get("run") or {}).get("steps")
         self.poll = poll_seconds or self.cfg.poll_seconds
         self.ray_address = ray_address or self.cfg.ray_address or None
         self.sleep = sleep
@@ -123,7 +124,7 @@ class Sidecar:
         records = self.run.read_metrics()
         if finished is None:
             finished = self.run_finished(records)
-        return analyze(records, self.cfg, finished=finished, checkpoint_exists=checkpoint_complete)
+        return analyze(records, self.cfg, self.flow, self.budget, finished=finished, checkpoint_exists=checkpoint_complete)
 
     def decision(self) -> dict | None:
         """The decision already taken for this run (analysis/decision.json), if any."""
@@ -133,36 +134,39 @@ class Sidecar:
         decision = analysis.decision
         assert decision is not None
         write_json(self.run.decision, decision)
-        self.state.data["decision"] = {k: decision.get(k) for k in ("checkpoint", "knee_step", "diverged_at", "method")}
+        self.state.data["decision"] = {k: decision.get(k) for k in ("checkpoint", "knee_step", "confirmed_at", "diverged_at", "method")}
         self.state.event(f"decision: {decision['checkpoint']} ({decision['reason']})")
         self.state.save()
         write_decision_outputs(self.run, analysis, decision)
         return decision
 
-    def stop_pretrain(self, reason: str) -> None:
-        """Stop the pretrain job (once) if it is known and still running, recording why."""
+    def stop_pretrain(self, kind: str, reason: str) -> None:
+        """Stop the pretrain job (once) if it is known and still running, recording why (state.json,
+        the log, TensorBoard). kind: "knee" or "divergence"; each is gated by its own setting."""
         job = self.pretrain_job
-        if not (self.cfg.stop_pretrain_on_divergence and job) or self.state.data["pretrain_stopped"]:
+        wanted = self.cfg.stop_at_knee if kind == "knee" else self.cfg.stop_pretrain_on_divergence
+        if not (wanted and job) or self.state.data["pretrain_stopped"]:
             return
         info = self.jobs.info(job)
         if info is None or info.terminal:
             return
         self.jobs.stop(job)
-        self.state.data["pretrain_stopped"] = {"job": job, "reason": reason, "at": time.time()}
-        self.state.event(f"stopped the pretrain job {job}: {reason}", logging.WARNING)
+        steps = [r["step"] for r in self.run.read_metrics() if r.get("step") is not None]
+        stop = {"job": job, "kind": kind, "reason": reason, "at": time.time(), "last_step": max(steps, default=None)}
+        self.state.data["pretrain_stopped"] = stop
+        self.state.event(f"stopped the pretrain job {job} after step {stop['last_step']}: {reason}",
+                         logging.INFO if kind == "knee" else logging.WARNING)
         self.state.save()
+        log_stop(self.run, stop)
 
     def _check_pretrain_divergence(self) -> None:
         """While experts run, a pretrain run that diverges later is stopped too."""
         if not (self.cfg.stop_pretrain_on_divergence and self.pretrain_job) or self.state.data["pretrain_stopped"]:
             return
-        records = self.run.read_metrics()
-        steps = [r["step"] for r in records if r.get("val_loss") is not None]
-        vals = [float(r["val_loss"]) for r in records if r.get("val_loss") is not None]
-        train = [r.get("train_loss") for r in records if r.get("val_loss") is not None]
-        div = detect_divergence(steps, vals, self.cfg.divergence, train, self.cfg.knee.smoothing, self.cfg.knee.window)
+        curve = curve_from_records(self.run.read_metrics())
+        div = detect_divergence(curve.steps, curve.val_loss_raw or curve.val_loss, self.cfg.divergence, curve.train_loss)
         if div is not None:
-            self.stop_pretrain(f"divergence began at step {div.step}: {div.detail}")
+            self.stop_pretrain("divergence", f"divergence began at step {div.step}: {div.detail}")
 
     def watch(self) -> int:
         """Poll until a decision is due, take it once, then act on it. Returns the exit code."""
@@ -173,7 +177,8 @@ class Sidecar:
         while decision is None:
             records = self.run.read_metrics()
             finished = self.run_finished(records)
-            analysis = analyze(records, self.cfg, finished=finished, checkpoint_exists=checkpoint_complete)
+            analysis = analyze(records, self.cfg, self.flow, self.budget, finished=finished,
+                               checkpoint_exists=checkpoint_complete)
             if analysis.decision is not None:
                 decision = self.record_decision(analysis)
                 break
@@ -181,54 +186,61 @@ class Sidecar:
                 self.state.event(f"no decision yet: {analysis.reason}")
                 self.state.save()
                 last_reason = analysis.reason
+            if analysis.divergence is not None and analysis.knee is None:
+                # diverged before any usable checkpoint: nothing to wait for
+                self.stop_pretrain("divergence", f"divergence began at step {analysis.divergence.step} before any "
+                                                 f"usable checkpoint: {analysis.divergence.detail}")
+                finished = finished or bool(self.state.data["pretrain_stopped"])
             if finished:
                 self.state.event(f"the pretrain run has ended and no checkpoint can be chosen: {analysis.reason}", logging.ERROR)
                 self.state.save()
                 return 1
             self.sleep(self.poll)
-        if decision.get("diverged_at") is not None:
-            self.stop_pretrain(f"divergence began at step {decision['diverged_at']}: "
-                               f"{(decision.get('divergence') or {}).get('detail', '')}")
+        if decision.get("method") == "knee":
+            self.stop_pretrain("knee", f"the knee is confirmed at step {decision.get('confirmed_at')} "
+                                       f"(knee step {decision.get('knee_step')}); its workers go to the experts")
+        elif decision.get("diverged_at") is not None:
+            self.stop_pretrain("divergence", f"divergence began at step {decision['diverged_at']}: "
+                                             f"{(decision.get('divergence') or {}).get('detail', '')}")
         return self.run_experts(decision)
 
     # ------------------------------------------------------------------ acting
 
     def run_experts(self, decision: dict, retry_failed: bool = False) -> int:
-        """Fine-tune the experts from decision['checkpoint'] and write the bundle. Exit code."""
+        """Fine-tune the tree from decision['checkpoint'] and write the bundle. Exit code."""
         if (self.state.data["bundle"] or {}).get("status") == "written" and not retry_failed:
             log.info("bundle already written: %s", self.state.data["bundle"]["path"])
             return 0
         tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep, token=decision_token(decision))
-        init = decision["checkpoint"]
-        self._compare_code(init)
-        if self.cfg.experts.full_range_first:
-            spec = full_range_spec(self.run, init)
-            if retry_failed and spec.key in self.state.jobs:
-                tracker.retry_failed([spec.key])
-            if tracker.run([spec], self.poll, on_poll=self._check_pretrain_divergence)[spec.key] != "succeeded":
-                return self._fail([spec.key], "the full-range ESGF fine-tune failed")
-            init, step, val = best_checkpoint(RunDir(spec.run_url), FULL_RANGE, self.cfg)
-            self.state.event(f"full-range fine-tune done: experts start from step {step} (val loss {val:.4g}): {init}")
-        specs = expert_specs(self.run, self.intervals, init)
+        self._compare_code(decision["checkpoint"])
         if retry_failed:
-            tracker.retry_failed([s.key for s in specs if s.key in self.state.jobs])
-        result = tracker.run(specs, self.poll, on_poll=self._check_pretrain_divergence)
-        failed = [k for k, status in result.items() if status != "succeeded"]
-        if failed:
-            return self._fail(failed, "expert fine-tune(s) failed")
-        experts = [(i, s.interval, s.run_url) for i, s in enumerate(specs)]
+            tracker.retry_failed([k for k, rec in self.state.jobs.items() if rec["status"] == "failed"])
+        tree = TreeRun(self.run, self.config, self.cfg, self.flow, self.state, tracker, self.poll,
+                       on_poll=self._check_pretrain_divergence)
         try:
-            url = assemble_bundle(self.run, self.config, experts, decision.get("knee_step"), self.cfg)
+            leaves = tree.run(decision)
+        except ValueError as e:  # e.g. per-interval init without that interval's curve
+            return self._no_bundle(str(e))
+        if leaves is None:
+            return self._fail(tree.failed, "expert fine-tune(s) failed")
+        extra = {"sampling": {"shift": self.flow.shift}, "tree": tree.manifest_tree(leaves),
+                 "decision": {k: decision.get(k) for k in ("method", "knee_step", "checkpoint", "checkpoint_step")}}
+        try:
+            url = assemble_bundle(self.run, self.config, leaves, decision.get("knee_step"), extra)
         except (ValueError, FileNotFoundError) as e:
-            self.state.data["bundle"] = {"status": "failed", "failed": [], "error": str(e)}
-            self.state.event(f"no bundle written: {e}", logging.ERROR)
-            self.state.save()
-            return 1
+            return self._no_bundle(str(e))
         self.state.data["bundle"] = {"status": "written", "path": url,
-                                     "experts": [{"interval": s.interval.key, "run": s.run_url} for s in specs]}
-        self.state.event(f"bundle written: {url} ({len(specs)} experts)")
+                                     "experts": [{"interval": e.interval.key, "node": e.node, "checkpoint": e.checkpoint}
+                                                 for e in leaves]}
+        self.state.event(f"bundle written: {url} ({len(leaves)} experts)")
         self.state.save()
         return 0
+
+    def _no_bundle(self, error: str) -> int:
+        self.state.data["bundle"] = {"status": "failed", "failed": [], "error": error}
+        self.state.event(f"no bundle written: {error}", logging.ERROR)
+        self.state.save()
+        return 1
 
     def _compare_code(self, ckpt_url: str) -> None:
         """The expert jobs carry this sidecar's linearsr; say so when the pretrain ran other code."""
@@ -250,8 +262,8 @@ class Sidecar:
             f"{r['name']} (interval {r['interval']}) after {len(r['attempts'])} attempt(s), last "
             f"{r['attempts'][-1]['submission_id'] if r['attempts'] else '-'}: "
             f"{(r['attempts'][-1]['message'] if r['attempts'] else '') or 'no message'}" for r in recs)
-        self.state.data["bundle"] = {"status": "failed", "failed": [r["interval"] for r in recs], "error": f"{what}: {detail}"}
-        self.state.event(f"no bundle written: {what}: {detail}", logging.ERROR)
+        self._no_bundle(f"{what}: {detail}")
+        self.state.data["bundle"]["failed"] = [r["interval"] for r in recs]
         self.state.event(f"after fixing the cause: `linearsr experts {self.run.url} --retry-failed` gives "
                          f"{', '.join(r['name'] for r in recs)} another round (finished experts are kept)", logging.ERROR)
         self.state.save()

@@ -3,11 +3,15 @@
 Written atomically (temp + rename locally, one PUT on object stores) before and after every
 job submission. Layout (operators read it too):
 
-    {"run": URL, "pretrain_job": id | null, "pretrain_stopped": {job, reason, at} | null,
-     "decision": {checkpoint, knee_step, method},
-     "jobs": {"expert-0": {"name", "interval": "lo,hi", "run": URL, "init": URL, "status",
-                           "budget": attempts allowed, "attempts": [{"submission_id", "status",
-                           "submitted_at", "start_time", "end_time", "message"}]}, ...},
+    {"run": URL, "pretrain_job": id | null,
+     "pretrain_stopped": {job, kind: "knee" | "divergence", reason, at, last_step} | null,
+     "decision": {checkpoint, knee_step, confirmed_at, diverged_at, method},
+     "jobs": {"L1-0": {"name", "interval": "lo,hi", "run": URL, "init": URL, "steps", "status",
+                       "budget": attempts allowed, "attempts": [{"submission_id", "status",
+                       "submitted_at", "start_time", "end_time", "message"}]}, ..., "control": {...}},
+     "tree": {"split", "edges", "init", "nodes": {"L1-0": {"level", "index", "interval",
+              "parent": "decision" | node id, "init", "job", "status", "best": {checkpoint, step,
+              val_loss} | null}, ...}, "control": {run, init, steps, status, best} (optional)},
      "progress": "2/4 succeeded, 2 running",
      "bundle": {"status": "written" | "failed", "path" | "failed": [...], "error"} | null,
      "events": [{"at", "event"}, ...]   (the last 200)}

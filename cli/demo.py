@@ -1,8 +1,13 @@
 """`linearsr demo` (what `make demo` runs): the whole pipeline on this machine.
 
     photos -> shards -> local Ray head -> pretrain (a Ray Job, DeepSpeed ZeRO-2, 2 workers)
-    watched by the ESGF sidecar -> knee decision -> 4 expert fine-tunes in parallel (Ray Jobs)
-    -> bundle -> TAG tagger -> evaluation on the development photos -> report
+    watched by the ESGF sidecar -> knee decision, the pretrain stopped there -> the expert tree
+    (2 halves, then 4 leaves, each level in parallel, Ray Jobs) beside an equal-compute full-range
+    control -> bundle -> TAG tagger -> evaluation with the ablations -> report
+
+The ablation (same photos, seed and sampler; 1-NFE and an N-step grid that runs every leaf):
+bicubic; the pretrain's last checkpoint; the knee checkpoint; the knee fine-tuned once over the
+full range for as many steps as the whole tree (equal training compute); the MoE tree.
 
 Every stage is resumable: rerunning the command picks up where it stopped (the trainer resumes
 from its last complete checkpoint, the sidecar from analysis/state.json, finished stages are
@@ -34,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local folders (default) or a local S3 server standing in for a bucket")
     parser.add_argument("--shards", default="runs/data/shards", help="photo shards (`make data` builds them)")
     parser.add_argument("--devset", default="runs/data/devset", help="evaluation photos (`make devset` writes them)")
-    parser.add_argument("--eval-steps", type=int, default=10, help="the multi-step sampling setting of the evaluation")
+    parser.add_argument("--eval-steps", type=int, default=10,
+                        help="the multi-step setting of the evaluation (raised until it runs every leaf expert)")
     parser.add_argument("--tagger-steps", type=int, default=300)
     parser.add_argument("--keep-cluster", action="store_true", help="leave the local Ray head running at the end")
     parser.add_argument("overrides", nargs="*", help="config overrides for the pretrain, e.g. run.steps=200")
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.ckpt_analysis.sidecar import Sidecar, wait_for_run
     from linearsr.cluster import local
     from linearsr.cluster.jobs import Jobs, command
-    from linearsr.trainer.evaluate import evaluate
+    from linearsr.trainer.evaluate import evaluate, every_expert_steps
     from linearsr.trainer.export import export_bundle
     from linearsr.core import storage
     from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle_local = os.path.join(run_local, "bundle")
         if not exists(run.manifest):
-            _stage(3, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers)")
+            _stage(3, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers), stopped at the knee")
             demo_state_path = os.path.join(run_local, "demo.json")
             demo_state = read_json_or_none(demo_state_path) or {}
             job_id = demo_state.get("pretrain_job")
@@ -104,12 +110,13 @@ def run(args: argparse.Namespace) -> int:
                 job_id = f"demo-pretrain-{uuid.uuid4().hex[:8]}"
                 write_json(demo_state_path, {**demo_state, "pretrain_job": job_id, "run": run_url})
             entry = command("train", "--config", os.path.abspath(args.config), "--run", run_url,
-                            f"data.shards={shards}", *args.overrides)
+                            f"data.shards={shards}", "esgf.experts.control=true", *args.overrides)
             info = jobs.submit(job_id, entry, num_cpus=0)
             print(f"job {job_id} {info.status}\n  follow it:    ray job logs -f {job_id} --address {cluster.jobs_address}"
                   f"\n  TensorBoard:  make tensorboard  (then http://127.0.0.1:6006)")
 
-            _stage(4, total, "ESGF sidecar: knee decision, then 4 expert fine-tunes in parallel")
+            _stage(4, total, "ESGF sidecar: knee -> stop the pretrain -> the expert tree (2, then 4 in parallel) "
+                             "beside the equal-compute control")
             wait_for_run(run_url, job_id, cluster.jobs_address, poll_seconds=2)
             rc = Sidecar(run_url, pretrain_job=job_id, ray_address=cluster.jobs_address, poll_seconds=5).watch()
             if rc != 0:
@@ -120,15 +127,19 @@ def run(args: argparse.Namespace) -> int:
                 jobs.wait(job_id)
         else:
             print(f"\n=== [3-4/{total}] bundle already written at {run.bundle}: pretrain and experts skipped")
-        decision = read_json(run.decision)
-        print(f"knee: step {decision['knee_step']} -> {decision['checkpoint']}\n  why: {decision['reason']}")
+        decision, state = read_json(run.decision), read_json(run.state)
+        _print_esgf(decision, state)
         if args.store == "s3":  # researchers upscale from a local copy
             storage.download_dir(run.bundle, bundle_local)
 
-        _stage(5, total, "knee model alone (for the ablation): export of the knee checkpoint")
-        knee_dir = os.path.join(run_local, "knee")
-        if not os.path.exists(os.path.join(knee_dir, "manifest.json")):
-            export_bundle(decision["checkpoint"], knee_dir, knee_step=decision["knee_step"])
+        _stage(5, total, "the ablation's controls as 1-expert bundles (EMA weights)")
+        compare = {}
+        for name, folder, ckpt_url in _controls(run, decision, state):
+            out = os.path.join(run_local, folder)
+            if not os.path.exists(os.path.join(out, "manifest.json")):
+                export_bundle(ckpt_url, out, knee_step=decision["knee_step"])
+            compare[name] = out
+            print(f"{name:34s} {out}  <- {ckpt_url}")
 
         _stage(6, total, "TAG tagger on the shards' tags -> bundle")
         from linearsr.model.bundle import read_manifest
@@ -139,22 +150,64 @@ def run(args: argparse.Namespace) -> int:
             print(f"tagger: {len(tagger.vocab)} tags, held-out mean AUC {scores['mean_auc']:.3f}, top-1 precision "
                   f"{scores['top1_precision']:.2f} (prior {scores['prior_top1_precision']:.2f})")
 
-        _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {args.eval_steps}-step, ablations)")
+        steps = every_expert_steps(bundle_local, at_least=args.eval_steps)
+        _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {steps}-step, ablations)")
         report_dir = os.path.join(run_local, "report")
-        metrics = evaluate(bundle_local, args.devset, report_dir, steps=args.eval_steps, compare={"knee model": knee_dir},
+        metrics = evaluate(bundle_local, args.devset, report_dir, steps=steps, compare=compare,
                            baselines=("realesrgan",))  # a note instead of the row where `make peers` could not set it up
     finally:
         if own_head and not args.keep_cluster:
             local.stop(state_dir)
 
-    s, c = metrics["summary"], metrics["checks"]
-    one, multi = s["LinearSR 1-NFE"], s[f"LinearSR {args.eval_steps}-step"]
     print("\n=== done in {:.1f} min".format((time.monotonic() - started) / 60))
-    print(f"bicubic        PSNR-Y {s['bicubic']['psnr_y']:.2f} dB   LPIPS {s['bicubic']['lpips'] or float('nan'):.3f}")
-    print(f"LinearSR 1-NFE PSNR-Y {one['psnr_y']:.2f} dB ({c['psnr_gain_1nfe_db']:+.2f})   LPIPS {one['lpips'] or float('nan'):.3f}")
-    print(f"LinearSR {args.eval_steps}-step PSNR-Y {multi['psnr_y']:.2f} dB   LPIPS {multi['lpips'] or float('nan'):.3f}")
+    _print_table(metrics)
+    for name, route in metrics["routes"].items():
+        if name.startswith("LinearSR"):
+            print(f"route of {name}: {route}")
     print(f"report:      {os.path.join(report_dir, 'report.md')}  (crops in {os.path.join(report_dir, 'crops')})")
     print(f"bundle:      {bundle_local}   try: linearsr upscale --bundle {bundle_local} IMAGE --out OUT")
     print(f"curve:       {run.curve}")
     print(f"TensorBoard: make tensorboard  (logs under {run.tb}, experts under {run.path('experts')})")
     return 0
+
+
+def _controls(run, decision: dict, state: dict) -> list[tuple[str, str, str]]:
+    """(row name, folder under the demo's run dir, checkpoint URL) of each ablation control."""
+    from linearsr.trainer.checkpoint import latest_complete
+
+    rows = [("pretrain, last checkpoint", "pretrain_last", latest_complete(run.url).url),
+            ("knee checkpoint", "knee", decision["checkpoint"])]
+    control = (state.get("tree") or {}).get("control") or {}
+    if control.get("best"):
+        rows.append((f"knee + full range, {control['steps']} steps", "control", control["best"]["checkpoint"]))
+    else:
+        print(f"the equal-compute control has no checkpoint ({control.get('status', 'not run')}): its row is missing")
+    return rows
+
+
+def _print_esgf(decision: dict, state: dict) -> None:
+    """The knee, where the pretrain stopped, and the tree, as the sidecar recorded them."""
+    print(f"knee: step {decision['knee_step']}, confirmed at step {decision.get('confirmed_at')} -> "
+          f"{decision['checkpoint']}\n  why: {decision['reason']}")
+    stop = state.get("pretrain_stopped")
+    print(f"pretrain stopped after step {stop['last_step']} ({stop['kind']}): {stop['reason']}" if stop
+          else "the pretrain was not stopped (it ran to its budget)")
+    tree = state.get("tree") or {}
+    print(f"tree ({tree.get('split')} split, edges {tree.get('edges')}, init {tree.get('init')}):")
+    for node_id, n in sorted((tree.get("nodes") or {}).items(), key=lambda kv: (kv[1]["level"], kv[1]["index"])):
+        best = n["best"] or {}
+        print(f"  {node_id:6s} λ [{n['interval'].replace(',', ', ')})  from {n['parent']:8s} -> best step "
+              f"{best.get('step')} (val loss {best.get('val_loss', float('nan')):.4f})")
+    control = tree.get("control")
+    if control:
+        best = control.get("best") or {}
+        print(f"  control λ [-inf, inf) {control['steps']} steps from the knee -> best step {best.get('step')} "
+              f"(val loss {best.get('val_loss', float('nan')):.4f})")
+
+
+def _print_table(metrics: dict) -> None:
+    s, base = metrics["summary"], metrics["summary"]["bicubic"]["psnr_y"]
+    print(f"{'variant':48s} {'PSNR-Y':>7s} {'Δ':>6s} {'SSIM-Y':>7s} {'LPIPS':>6s} {'s/img':>6s}")
+    for name, r in s.items():
+        lpips = "   —  " if r["lpips"] is None else f"{r['lpips']:6.3f}"
+        print(f"{name:48s} {r['psnr_y']:7.2f} {r['psnr_y'] - base:+6.2f} {r['ssim_y']:7.4f} {lpips} {r['seconds']:6.2f}")

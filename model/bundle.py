@@ -3,7 +3,8 @@
 
 manifest.json: {"format": 1, "scale": 4, "model": {...ModelConfig...}, "knee_step": 1200,
                 "experts": [{"interval": ["-inf", "-3"], "weights": "e0.safetensors", "val_loss": 0.41}, ...],
-                "tagger": "tagger.safetensors" | null}
+                "tagger": "tagger.safetensors" | null,
+                "sampling": {"shift": 3.0}  (optional: the training shift of multi-step grids; default 1)}
 Interval bounds are written with `flow.format_bound` ("-inf"/"inf" as strings). Never pickles."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from linearsr.model.sampler import MoE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+OWN_FIELDS = ("format", "scale", "model", "knee_step", "experts", "tagger")  # what write_bundle sets itself
 
 
 def _json_safe(x: Any) -> Any:
@@ -164,11 +166,17 @@ def write_bundle(
     knee_step: int | None = None,
     tagger: str | None = None,
     scale: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write BUNDLE/manifest.json atomically. `experts`: [{"interval": [lo, hi] | "lo,hi",
     "weights": file name relative to the bundle, "val_loss": x}, ...] sorted by interval and
-    covering all log-SNR values. The weight (and tagger) files must already be in the folder."""
+    covering all log-SNR values. The weight (and tagger) files must already be in the folder.
+    `extra`: more top-level fields, e.g. {"sampling": {"shift": 3.0}} (the training shift that
+    multi-step grids follow) and the ESGF tree the experts came from; None keeps those of the
+    manifest already in the folder, so rewriting a bundle in place (to add a tagger) keeps them."""
     bundle_dir = Path(bundle_dir)
+    if extra is None and (bundle_dir / MANIFEST).is_file():
+        extra = {k: v for k, v in read_manifest(bundle_dir).items() if k not in OWN_FIELDS}
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
     if scale is not None and scale != cfg.scale:
         raise ValueError(f"bundle scale {scale} differs from the model config's scale {cfg.scale}")
@@ -189,6 +197,7 @@ def write_bundle(
             for e in entries
         ],
         "tagger": tagger,
+        **(extra or {}),
     }
     write_json_atomic(bundle_dir / MANIFEST, manifest)
     return bundle_dir / MANIFEST
@@ -204,7 +213,9 @@ def load_bundle(path: str | Path, ae_path: str | None = None) -> MoE:
     (a latent one is loaded once, from `ae_path` when given, else from the config's model.ae_path)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        return MoE([load_expert(path, ae_path=ae_path)]).eval()
+        moe = MoE([load_expert(path, ae_path=ae_path)]).eval()
+        moe.shift = float((read_expert_meta(path).get("sampling") or {}).get("shift", 1.0))
+        return moe
     if not path.exists():
         raise FileNotFoundError(f"bundle {str(path)!r} does not exist; pass a bundle folder or an expert .safetensors file")
     if not path.is_dir():
@@ -226,6 +237,7 @@ def load_bundle(path: str | Path, ae_path: str | None = None) -> MoE:
         shared = experts[0].ae if experts else None
         experts.append(_load_weights(LinearSR(_with_ae_path(cfg, ae_path), ae=shared), weights).eval())
     moe = MoE(experts, intervals)
+    moe.shift = float((manifest.get("sampling") or {}).get("shift", 1.0))
     if manifest.get("tagger"):
         from linearsr.model.tagger import Tagger
 

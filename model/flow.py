@@ -8,6 +8,7 @@ Conventions (rectified flow, as in SD3 / SANA):
 The training t is logit-normal with an SD3-style shift. Because lambda = -2 * logit(t),
 a logit-normal t is a *normal* lambda: lambda ~ N(-2*mean - 2*ln(shift), (2*std)^2).
 That makes "draw t only inside a lambda interval" an exact truncated-normal draw.
+A share of every batch sits at t = 1 exactly (FlowConfig.t1_fraction): the 1-NFE sampler's input.
 
 Every stage (trainer, validator, sidecar, experts, sampler) imports these definitions;
 nothing else computes log-SNR.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -145,16 +147,87 @@ def check_partition(intervals: list[Interval]) -> None:
             raise ValueError(f"expert intervals {a} and {b} leave a gap or overlap")
 
 
+SPLITS = ("mass", "lambda", "fixed")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the bisection tree. Level k holds 2**k nodes, index 0 the noisiest; node (k, i)
+    is split into (k + 1, 2i) and (k + 1, 2i + 1), and its parent is (k - 1, i // 2). Level 0 is
+    the full range, the deepest level the leaves (the experts of the bundle)."""
+
+    level: int
+    index: int
+    interval: Interval
+
+    @property
+    def id(self) -> str:
+        return f"L{self.level}-{self.index}"
+
+    @property
+    def parent_id(self) -> str | None:
+        return None if self.level == 0 else f"L{self.level - 1}-{self.index // 2}"
+
+
+def tree_levels(edges: list[float]) -> list[list[Node]]:
+    """The bisection tree over sorted interior leaf boundaries (2**d - 1 of them): levels 0..d,
+    each a partition of (-inf, inf) whose boundaries are a subset of the next level's."""
+    depth = int(math.log2(len(edges) + 1))
+    assert len(edges) == 2**depth - 1 and list(edges) == sorted(set(edges)), edges
+    bounds = [-INF, *edges, INF]
+    return [[Node(k, i, Interval(bounds[i << (depth - k)], bounds[(i + 1) << (depth - k)])) for i in range(2**k)]
+            for k in range(depth + 1)]
+
+
+def shifted(t: float, shift: float) -> float:
+    """The SD3 time shift t -> shift*t / (1 + (shift - 1)*t): logit(t) moves by ln(shift), the same
+    map that FlowConfig.shift applies to the training distribution."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sampling_times(steps: int, shift: float = 1.0) -> list[float]:
+    """steps + 1 sampler times from 1 down to 0: the even grid through the training shift, so a
+    multi-step sample spends its steps where training put its samples (shift > 1: more at high noise)."""
+    if steps < 1:
+        raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
+    return [shifted(1.0 - i / steps, shift) for i in range(steps + 1)]
+
+
+def covering_steps(intervals: list[Interval], shift: float = 1.0, at_least: int = 2, at_most: int = 256) -> int:
+    """The smallest number of Euler steps >= at_least whose sampler times visit every interval
+    (each leaf expert runs at least once); ValueError when none up to at_most does."""
+    for n in range(max(1, at_least), at_most + 1):
+        hit = {find_interval(intervals, lambda_of_t(t)) for t in sampling_times(n, shift)[:-1]}
+        if len(hit) == len(intervals):
+            return n
+    raise ValueError(f"no sampling grid of up to {at_most} steps (shift {shift:g}) visits every interval of "
+                     f"{[str(iv) for iv in intervals]}; an interval is too narrow")
+
+
 @dataclass(frozen=True)
 class FlowConfig:
-    """Training-time distribution of t and the log-SNR partition used for experts/validation."""
+    """Training-time distribution of t, and the log-SNR bisection tree that validation, the ESGF
+    experts and the MoE router share.
+
+    t: logit-normal (logit_mean, logit_std) with an SD3 shift, plus a share `t1_fraction` of every
+    batch at t = 1 exactly: pure noise, the only input the default 1-NFE sampler gives the network
+    (a shift-3 logit-normal draws t > 0.99 about once in 4000 samples; shift 1: 2e-6).
+    The tree (depth `bisection_depth`, 2**depth leaves) splits log-SNR at
+      split = "mass"   (default) the quantiles k / 2**depth of the training lambda distribution, so every
+                       node halves its parent's probability mass (rounded to 0.01 in lambda);
+              "lambda" equal widths of [lambda_min, lambda_max] (the outer leaves keep the tails);
+              "fixed"  `split_points`: the 2**depth - 1 leaf boundaries, increasing, inside
+                       (lambda_min, lambda_max); the tree is the balanced one over them."""
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    t1_fraction: float = 0.1
     lambda_min: float = -6.0
     lambda_max: float = 6.0
     bisection_depth: int = 2
+    split: Literal["mass", "lambda", "fixed"] = "mass"
+    split_points: tuple[float, ...] = ()
     val_points_per_interval: int = 4
 
     def __post_init__(self):
@@ -162,9 +235,30 @@ class FlowConfig:
             raise ValueError(f"flow.logit_std must be > 0, got {self.logit_std}")
         if self.shift <= 0:
             raise ValueError(f"flow.shift must be > 0, got {self.shift}")
+        if not 0 <= self.t1_fraction < 1:
+            raise ValueError(f"flow.t1_fraction must lie in [0, 1) (the share of each batch at t = 1), got {self.t1_fraction}")
         if self.val_points_per_interval < 1:
             raise ValueError(f"flow.val_points_per_interval must be >= 1, got {self.val_points_per_interval}")
-        bisect(self.lambda_min, self.lambda_max, self.bisection_depth)  # validates range and depth
+        if not 0 <= self.bisection_depth <= 6:
+            raise ValueError(f"flow.bisection_depth must be in 0..6 (1..64 leaves), got {self.bisection_depth}")
+        bisect(self.lambda_min, self.lambda_max, 0)  # validates the range
+        if self.split != "fixed" and self.split_points:
+            raise ValueError(f"flow.split_points is only read with flow.split = \"fixed\" (flow.split is {self.split!r})")
+        if self.split == "fixed":
+            pts, need = list(self.split_points), 2**self.bisection_depth - 1
+            if len(pts) != need:
+                raise ValueError(f"flow.split_points needs {need} increasing log-SNR values for flow.bisection_depth="
+                                 f"{self.bisection_depth}, got {len(pts)}")
+            if pts != sorted(set(pts)):
+                raise ValueError(f"flow.split_points must be strictly increasing, got {pts}")
+            outside = [x for x in pts if not self.lambda_min < x < self.lambda_max]
+            if outside:
+                raise ValueError(f"flow.split_points {outside} lie outside the range (flow.lambda_min, flow.lambda_max) = "
+                                 f"({self.lambda_min:g}, {self.lambda_max:g})")
+        edges = self.edges()
+        if edges != sorted(set(edges)):
+            raise ValueError(f"flow.bisection_depth={self.bisection_depth} splits the training distribution finer than "
+                             f"0.01 in log-SNR; lower it or use flow.split = \"fixed\"")
 
     @property
     def lambda_mean(self) -> float:
@@ -174,8 +268,23 @@ class FlowConfig:
     def lambda_std(self) -> float:
         return 2.0 * self.logit_std
 
+    def edges(self) -> list[float]:
+        """The 2**depth - 1 interior leaf boundaries in log-SNR, increasing."""
+        k = 2**self.bisection_depth
+        if self.split == "fixed":
+            return [float(x) for x in self.split_points]
+        if self.split == "lambda":
+            return [iv.lo for iv in bisect(self.lambda_min, self.lambda_max, self.bisection_depth)[1:]]
+        u = torch.arange(1, k, dtype=torch.float64) / k
+        return [round(float(x), 2) for x in self._lambda_at_quantile(u)]
+
+    def tree(self) -> list[list[Node]]:
+        """Levels 0 (the full range) .. bisection_depth (the leaves) of the bisection tree."""
+        return tree_levels(self.edges())
+
     def intervals(self) -> list[Interval]:
-        return bisect(self.lambda_min, self.lambda_max, self.bisection_depth)
+        """The leaves: what validation reports per interval and what a bundle's experts cover."""
+        return [n.interval for n in self.tree()[-1]]
 
     def _cdf(self, lam: float) -> float:
         if math.isinf(lam):
@@ -183,7 +292,8 @@ class FlowConfig:
         return 0.5 * math.erfc(-(lam - self.lambda_mean) / (self.lambda_std * math.sqrt(2.0)))
 
     def mass(self, interval: Interval) -> float:
-        """Probability that a training t falls in the interval."""
+        """Probability that a training t of the logit-normal part falls in the interval (the
+        t = 1 share is not counted)."""
         return self._cdf(interval.hi) - self._cdf(interval.lo)
 
     def _lambda_at_quantile(self, u: torch.Tensor) -> torch.Tensor:
@@ -193,7 +303,9 @@ class FlowConfig:
         self, n: int, interval: Interval = FULL_RANGE, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """n training times (float32, shape [n]), logit-normal with shift, restricted to the
-        interval by an exact inverse-CDF draw. Strictly inside (0, 1) and inside the interval."""
+        interval by an exact inverse-CDF draw, strictly inside (0, 1). When the interval reaches
+        lambda = -inf (t = 1), floor(n * t1_fraction) of them, or one more with the remaining
+        probability, are exactly 1 (placed at random positions)."""
         lo_u, hi_u = self._cdf(interval.lo), self._cdf(interval.hi)
         if hi_u - lo_u < 1e-12:
             raise ValueError(f"log-SNR interval {interval} has no probability mass under flow settings {self}")
@@ -205,6 +317,10 @@ class FlowConfig:
         lam = lam.clamp(min=interval.lo + margin if math.isfinite(interval.lo) else -1e6,
                         max=interval.hi - margin if math.isfinite(interval.hi) else 1e6)
         t = t_of_lambda(lam).clamp(1e-6, 1 - 1e-6)
+        if self.t1_fraction > 0 and interval.lo == -INF:
+            whole, rest = divmod(n * self.t1_fraction, 1.0)
+            k = int(whole) + int(torch.rand(1, generator=generator, dtype=torch.float64).item() < rest)
+            t[torch.randperm(n, generator=generator)[:k]] = 1.0
         return t.float()
 
     def validation_grid(self, interval: Interval) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from linearsr.model.flow import FULL_RANGE, Interval, check_partition, find_interval, lambda_of_t
+from linearsr.model.flow import FULL_RANGE, Interval, check_partition, find_interval, lambda_of_t, sampling_times
 from linearsr.model.network import LinearSR
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class MoE(nn.Module):
         self.intervals = list(intervals)
         self.route: list[tuple[float, float, int]] = []
         self.tagger = None  # set by load_bundle when the bundle carries a tagger
+        self.shift = 1.0  # the training flow.shift, which multi-step sampling grids follow (set by load_bundle)
 
     @property
     def cfg(self):
@@ -88,13 +89,6 @@ def as_moe(model_or_moe: LinearSR | MoE) -> MoE:
     raise TypeError(f"sample() needs a LinearSR or a MoE, got {type(model_or_moe).__name__}")
 
 
-def time_grid(steps: int) -> list[float]:
-    """steps + 1 times from 1 down to 0, evenly spaced."""
-    if steps < 1:
-        raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
-    return [1.0 - i / steps for i in range(steps + 1)]
-
-
 @torch.no_grad()
 def sample(
     model_or_moe: LinearSR | MoE,
@@ -106,10 +100,12 @@ def sample(
     seed: int = 0,
     noise: torch.Tensor | None = None,
     net=None,
+    shift: float | None = None,
 ) -> SampleResult:
     """Super-resolve lr [B, 3, h, w] in [0, 1] -> SampleResult(image [B, 3, h*s, w*s], route).
     `noise` (shaped like `encode_condition(lr)`) replaces the seeded draw, e.g. for tiling;
-    `net(model, x_t, t, cond, tags)` replaces each network evaluation (model/tiled.py)."""
+    `net(model, x_t, t, cond, tags)` replaces each network evaluation (model/tiled.py).
+    `shift`: the time shift of the step grid (default: the bundle's training shift, 1 for a bare model)."""
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(METHODS)}")
     moe = as_moe(model_or_moe)
@@ -126,7 +122,7 @@ def sample(
     elif noise.shape != cond.shape:
         raise ValueError(f"noise of shape {tuple(noise.shape)} does not match the latent grid {tuple(cond.shape)}")
     x = noise.to(device=cond.device, dtype=cond.dtype)
-    grid = time_grid(steps)
+    grid = sampling_times(steps, moe.shift if shift is None else shift)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t_cur
         v = moe.velocity(x, t_cur, cond, tags, guidance, net)

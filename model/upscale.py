@@ -35,8 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--bundle", required=True, help="bundle folder (manifest.json) or one expert .safetensors")
     parser.add_argument("--out", required=True, help="output folder; writes OUT/<stem>.png")
-    parser.add_argument("--steps", type=int, default=1, help="sampler steps (default 1 = one network evaluation, "
-                                                             "the best PSNR; 10 gives sharper texture)")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="sampler steps (default 1 = one network evaluation at t = 1, which training draws "
+                             "flow.t1_fraction of the time); more steps run on the even grid through the bundle's "
+                             "training shift (manifest sampling.shift, as training drew t), each step on the expert "
+                             "that owns its log-SNR")
     parser.add_argument("--sampler", choices=METHODS, default="euler", help="ODE sampler (default euler)")
     parser.add_argument("--tags", default=None, help='comma-separated tags for every image, e.g. "cat, grass"')
     parser.add_argument("--tagger", default=None, metavar="MODULE:FUNCTION",

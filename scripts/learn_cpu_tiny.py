@@ -5,7 +5,7 @@ chelsea; sklearn china), LR = antialiased bicubic x1/4 quantised to 8 bits (`bic
 and evaluates the 1-NFE output on two held-out photos (skimage rocket, sklearn flower) by
 PSNR-Y with the border cropped (`trainer.quality.psnr_y`) beside bicubic on the same images.
 
-    .venv/bin/python scripts/learn_cpu_tiny.py --steps 1500 --shift 3 --ema 0.995
+    .venv/bin/python scripts/learn_cpu_tiny.py --steps 1500 --shift 3 --ema 0.995 [--t1-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=96)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--shift", type=float, default=3.0, help="flow.shift of the training t distribution")
+    ap.add_argument("--t1-fraction", type=float, default=0.0, help="flow.t1_fraction: the share of each batch at t = 1")
     ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the evaluated weights (0 = raw weights)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
@@ -81,7 +82,7 @@ def main() -> None:
     model = LinearSR(ModelConfig.preset("cpu_tiny", **json.loads(args.model)))
     ema = copy.deepcopy(model) if args.ema else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    flow = FlowConfig(shift=args.shift)
+    flow = FlowConfig(shift=args.shift, t1_fraction=args.t1_fraction)
     print(f"cpu_tiny: {model.num_params() / 1e6:.2f}M parameters; {vars(args)}")
     times, losses = [], []
     for step in range(1, args.steps + 1):

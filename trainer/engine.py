@@ -8,6 +8,7 @@ torch AdamW is passed in."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -99,16 +100,33 @@ def build_engine(cfg: TrainConfig, model: nn.Module):
 
 class EMA:
     """Exponential moving average of the (replicated, ZeRO-2) weights, kept in fp32.
-    Keys are the LinearSR state-dict names (no `model.` prefix)."""
+    Keys are the LinearSR state-dict names (no `model.` prefix). With the optimizer step given,
+    the decay warms up as min(decay, (1 + step) / (10 + step)), so the average forgets the
+    initial weights within a few hundred steps instead of ~1 / (1 - decay)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        decay = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """While active the model holds the EMA weights (validation, samples); the raw ones after."""
+        raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.shadow[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(raw[n])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.contiguous() for n, t in self.shadow.items()}

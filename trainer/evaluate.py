@@ -13,7 +13,9 @@ a note, never faked. Variants (rows; `variants()` lists them, add rows there):
     <name>   1-NFE / N steps      every --compare NAME=BUNDLE (e.g. the knee model alone)
 
 Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | peers | 1-NFE | N-step |
-HR) and the same grid to TensorBoard under OUT/tb."""
+HR) and the same grid to TensorBoard under OUT/tb. Each variant's route (which expert ran at which
+t) is logged and reported; `every_expert_steps(bundle)` is the fewest steps >= 10 at which an
+N-step sample runs every expert of a bundle at least once."""
 
 from __future__ import annotations
 
@@ -82,6 +84,21 @@ def load_perceptual() -> tuple[dict[str, torch.nn.Module], list[str]]:
             notes.append(f"{PERCEPTUAL[key]} skipped: {e}")
             log.warning(notes[-1])
     return metrics, notes
+
+
+def every_expert_steps(bundle: str, at_least: int = 10) -> int:
+    """The fewest Euler steps >= at_least whose grid (the bundle's training shift) visits every
+    expert's log-SNR interval, so an N-step row measures all of them."""
+    from linearsr.model.flow import covering_steps
+
+    moe = load_bundle(bundle)
+    return covering_steps(moe.intervals, moe.shift, at_least=at_least)
+
+
+def route_text(route: list[tuple[float, float, int]], num_experts: int) -> str:
+    """'t 1.00 -> e0, t 0.96 -> e0, ...; experts run: 0, 1, 2, 3 of 4'."""
+    steps = ", ".join(f"t {t:.2f} -> e{i}" for t, _, i in route)
+    return f"{steps}; experts run: {', '.join(str(i) for i in sorted({i for _, _, i in route}))} of {num_experts}"
 
 
 def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -191,13 +208,13 @@ def _measure(sr: torch.Tensor, hr: torch.Tensor, scale: int, perceptual: dict, r
 
 
 def _upscale(v: Variant, models: dict[str, MoE], peers: dict, lr, tags, guidance: float, seed: int):
-    """(image [3, H, W], network evaluations or None for a peer)."""
+    """(image [3, H, W], network evaluations or None for a peer, the MoE route or None)."""
     if v.baseline == BICUBIC:
-        return bicubic_up(lr, models["bundle"].scale), 0
+        return bicubic_up(lr, models["bundle"].scale), 0, None
     if v.baseline:
-        return peers[v.baseline](lr), None
+        return peers[v.baseline](lr), None, None
     res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps, guidance=guidance, seed=seed)
-    return res.image[0], res.nfe
+    return res.image[0], res.nfe, res.route
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -256,6 +273,7 @@ def evaluate(
         images, bad_pairs = [(stem, modcrop(hr, scale), None) for stem, hr in load_hr_images(hr_dir, max_images)], []
     panels = [v.name for v in rows if v.baseline] + ["LinearSR 1-NFE", f"LinearSR {steps}-step"]
     per_image: dict[str, dict[str, dict]] = {}
+    routes: dict[str, str] = {}
     grids = []
     for idx, (stem, hr, real_lr) in enumerate(images):
         lr = real_lr if real_lr is not None else make_lr(hr, scale, degradation, seed + idx)
@@ -265,9 +283,12 @@ def evaluate(
         results, outputs = {}, {}
         for v in rows:
             start = time.perf_counter()
-            outputs[v.name], nfe = _upscale(v, models, peers, lr, tags, guidance, seed + idx)
+            outputs[v.name], nfe, route = _upscale(v, models, peers, lr, tags, guidance, seed + idx)
             seconds = time.perf_counter() - start if v.baseline != BICUBIC else 0.0
             results[v.name] = {**_measure(outputs[v.name], hr, scale, perceptual, refs), "seconds": seconds, "nfe": nfe}
+            if route is not None and v.name not in routes:  # every image takes the same route: t alone picks the expert
+                routes[v.name] = route_text(route, len(models[v.model].experts))
+                log.info("route of %s: %s", v.name, routes[v.name])
         results["_tags"] = tags
         per_image[stem] = results
         grid = side_by_side([outputs[name] for name in panels] + [hr], hr)
@@ -283,7 +304,7 @@ def evaluate(
     metrics = {
         "bundle": bundle, "hr_dir": hr_dir, "degradation": degradation, "scale": scale, "steps": steps,
         "guidance": guidance, "seed": seed, "num_images": len(images), "notes": notes, "panels": panels + ["HR"],
-        "lr_dir": lr_dir, "bad_pairs": bad_pairs,
+        "lr_dir": lr_dir, "bad_pairs": bad_pairs, "routes": routes,
         "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, steps, peers),
     }
     write_json(str(out / "metrics.json"), metrics)
@@ -349,6 +370,8 @@ def render_report(metrics: dict, rows: list[Variant]) -> str:
                 lines.append(f"- {name} {key}: {_fmt(d['psnr_y'], '+.2f')} dB PSNR-Y, "
                              + ", ".join(f"{_fmt(d[k], '+.3f')} {label}" for k, label in PERCEPTUAL.items())
                              + " (negative perceptual = LinearSR closer to HR)")
+    lines += ["", "## Routes (which expert ran at each sampler step)", ""]
+    lines += [f"- {name}: {route}" for name, route in metrics.get("routes", {}).items()]
     names = [v.name for v in rows]
     lines += ["", "## Per image (PSNR-Y dB)", "", "| image | tags | " + " | ".join(names) + " |",
               "|---" * (len(names) + 2) + "|"]

@@ -5,7 +5,10 @@ one fp32 state dict and write it as safetensors + JSON (config, step, interval, 
 
 OUT ending in `.safetensors` is written as that expert file (+ .json beside it); any other OUT is
 a bundle folder: OUT/model.safetensors, OUT/model.json and OUT/manifest.json (one expert for the
-whole log-SNR range). Both are what `linearsr upscale --bundle` reads."""
+whole log-SNR range). Both are what `linearsr upscale --bundle` reads. A checkpoint of a run with
+optim.ema_decay > 0 exports its EMA weights unless told otherwise; the expert's JSON says which
+("weights": "ema" | "raw") and carries the run's training shift ("sampling": {"shift": ...}),
+which multi-step sampling follows."""
 
 from __future__ import annotations
 
@@ -17,16 +20,15 @@ from pathlib import Path
 
 from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
-from linearsr.trainer.zero import consolidate
+from linearsr.trainer.zero import load_weights
 
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) -> Path:
+def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool | None = None) -> Path:
     """Write OUT_PREFIX.safetensors + OUT_PREFIX.json from a complete checkpoint; returns the
-    .safetensors path. `ema=True` exports the EMA weights (the run must have optim.ema_decay > 0)."""
-    from safetensors.torch import load_file
-
+    .safetensors path. ema: True = the EMA weights (the run must have optim.ema_decay > 0),
+    False = the raw weights, None = the EMA weights when the checkpoint has them."""
     from linearsr.model.bundle import save_expert
     from linearsr.model.config import ModelConfig
     from linearsr.model.network import LinearSR
@@ -36,18 +38,7 @@ def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) 
     model = LinearSR(ModelConfig.from_dict(meta["config"]["model"]))
     tmp = tempfile.mkdtemp(prefix="linearsr-export-")
     try:
-        wanted = (lambda rel: rel == ckpt.EMA_FILE) if ema else (lambda rel: rel.startswith(ckpt.TAG + "/"))
-        local, problems = ckpt.fetch(ckpt_url, tmp, keep=wanted)
-        if problems:
-            raise ValueError(f"checkpoint {ckpt_url} does not match its {ckpt.MARKER} list ({'; '.join(problems[:3])}); "
-                             "export an earlier one")
-        if ema:
-            ema_file = Path(local) / ckpt.EMA_FILE
-            if not ema_file.is_file():
-                raise FileNotFoundError(f"checkpoint {ckpt_url} has no EMA weights (the run had optim.ema_decay = 0)")
-            state = load_file(str(ema_file))
-        else:
-            state = consolidate(local)
+        state, weights = load_weights(ckpt_url, tmp, ema)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     model.load_state_dict(state)
@@ -57,11 +48,12 @@ def export_checkpoint(ckpt_url: str, out_prefix: str | Path, ema: bool = False) 
         "interval": meta.get("t_interval") or FULL_RANGE.key,
         "val_loss": meta.get("val_loss"),
         "checkpoint": ckpt_url,
-        "weights": "ema" if ema else "raw",
+        "weights": weights,
+        "sampling": {"shift": float((meta["config"].get("flow") or {}).get("shift", 1.0))},
     })
 
 
-def export_bundle(ckpt_url: str, out_dir: str | Path, knee_step: int | None = None, ema: bool = False) -> Path:
+def export_bundle(ckpt_url: str, out_dir: str | Path, knee_step: int | None = None, ema: bool | None = None) -> Path:
     """A 1-expert bundle (the whole log-SNR range) in OUT_DIR from a complete checkpoint:
     OUT_DIR/model.safetensors + model.json + manifest.json; returns the manifest's path."""
     from linearsr.model.bundle import read_expert_meta, write_bundle
@@ -70,14 +62,19 @@ def export_bundle(ckpt_url: str, out_dir: str | Path, knee_step: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     weights = export_checkpoint(ckpt_url, out / "model", ema=ema)
     meta = read_expert_meta(weights)
-    return write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss")}],
-                        meta["model"], knee_step=knee_step)
+    return write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss"),
+                               "weights_from": meta["weights"], "checkpoint": ckpt_url, "step": meta["step"]}],
+                        meta["model"], knee_step=knee_step, extra={"sampling": meta["sampling"]})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint URL: RUN/checkpoints/checkpoint_XXXXXX (local or s3://)")
     parser.add_argument("out", metavar="OUT", help="a bundle folder, or an expert file ending in .safetensors")
-    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
+                         help="export the EMA weights (default when the checkpoint has them)")
+    weights.add_argument("--raw", dest="ema", action="store_false", help="export the raw weights, not the EMA ones")
+    parser.set_defaults(ema=None)
 
 
 def run(args: argparse.Namespace) -> int:

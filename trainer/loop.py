@@ -10,10 +10,15 @@ through `ray.train.report`. On start the newest complete checkpoint of RUN whose
 checksums is resumed exactly (step, samples, weights, optimizer, LR schedule, EMA, every RNG and
 the data position: the run continues as if it had not stopped); a checkpoint that fails
 verification is marked CORRUPT and the previous one is taken. Otherwise `finetune.init` supplies
-the weights. Collectives run on the engine's device (trainer/collectives.py)."""
+the weights (its EMA weights when it has them). With optim.ema_decay > 0 validation reports the
+EMA weights (val_loss, val_loss_by_interval: what the sidecar decides on and what ships) and the
+raw ones (val_loss_raw, val_loss_raw_by_interval). A fine-tune logs TensorBoard on its init
+checkpoint's step axis (global_step = init's global_step + step), so its curves continue the
+pretrain's. Collectives run on the engine's device (trainer/collectives.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -72,6 +77,8 @@ class Trainer:
         self.interval = cfg.interval
         self.step = 0
         self.samples = 0
+        self.step_offset = 0  # TensorBoard's step axis starts where the init checkpoint's run was
+        self.init_weights: str | None = None  # "ema" | "raw": what a fine-tune started from
         self.retry_base = storage.retry_count()
         self.tmp_dirs: list[str] = []
         self.rank_state: dict | None = None  # this rank's random streams and data position, when resumed
@@ -86,9 +93,12 @@ class Trainer:
         model = LinearSR(cfg.model)
         resume = self._resume_point()
         world_changed = resume is not None and resume[2]["world_size"] != self.world
-        if resume is None and cfg.finetune.init:
-            self._load_weights(model, cfg.finetune.init, self._init_weights)
-        elif world_changed:
+        if cfg.finetune.init:
+            init_meta = ckpt.read_meta(cfg.finetune.init)
+            self.step_offset = int(init_meta.get("global_step", init_meta["step"]))
+            if resume is None:
+                self._load_weights(model, cfg.finetune.init, lambda url: self._init_weights(url, init_meta))
+        if world_changed:
             self._load_weights(model, resume[0], lambda _url: zero.consolidate(resume[1]))
         self.engine, self.scheduler = build_engine(cfg, model)
         self.model = self.engine.module.model
@@ -136,30 +146,31 @@ class Trainer:
             dist.barrier()
         return None
 
-    def _init_weights(self, init_url: str) -> dict[str, torch.Tensor]:
-        """Rank 0's view of a fine-tune start: the --init checkpoint's weights (any ZeRO stage / world size)."""
+    def _init_weights(self, init_url: str, meta: dict) -> dict[str, torch.Tensor]:
+        """Rank 0's view of a fine-tune start: the --init checkpoint's weights (its EMA ones when it
+        has them), from a checkpoint of any ZeRO stage / world size."""
         from linearsr.model.config import ModelConfig
 
         ckpt.require_complete(init_url)
-        theirs = ModelConfig.from_dict(ckpt.read_meta(init_url)["config"]["model"])
+        theirs = ModelConfig.from_dict(meta["config"]["model"])
         if theirs != self.cfg.model:
             raise ValueError(f"--init checkpoint {init_url} has another model config: {'; '.join(theirs.diff(self.cfg.model))}")
-        local, problems = ckpt.fetch(init_url, self._tmp("linearsr-init-"), keep=lambda rel: rel.startswith(ckpt.TAG + "/"))
-        if problems:
-            raise ValueError(f"--init checkpoint {init_url} does not match its {ckpt.MARKER} list ({'; '.join(problems[:3])})")
+        state, self.init_weights = zero.load_weights(init_url, self._tmp("linearsr-init-"))
         ckpt.pin(init_url, by=self.run_url, why="the --init of this fine-tune")
-        return zero.consolidate(local)
+        return state
 
     def _load_weights(self, model, url: str, read) -> None:
         """Weights only: rank 0 reads them once (`read(url)`), every other rank gets them by broadcast."""
         if self.rank == 0:
             model.load_state_dict(read(url))
         broadcast_tensors(model.state_dict(), self.device)
-        log.info("weights from %s; optimizer and its moments start fresh", url)
+        self.init_weights = broadcast(self.init_weights)
+        log.info("weights from %s (%s); optimizer and its moments start fresh", url, self.init_weights or "raw")
 
     def _load_resume(self, url: str, local: str, meta: dict, world_changed: bool) -> None:
         self.meta = meta
         self.step, self.samples = int(meta["step"]), int(meta["samples"])
+        self.init_weights = meta.get("init_weights")
         if world_changed:  # weights came consolidated; the schedule follows the step
             self.scheduler.last_epoch = self.step - 1
             self.scheduler.step()
@@ -184,7 +195,7 @@ class Trainer:
         self.metrics = rundir.MetricsWriter(self.run_url, resume_step=self.step)
         if self.meta is not None and not any(r.get("step") == self.step for r in self.metrics.records):
             self.metrics.append(self.meta["record"])  # the checkpoint was saved, its record was not
-        self.tb = TBWriter(self.run_url)
+        self.tb = TBWriter(self.run_url, step_offset=self.step_offset)
         self.tb.text("config", config_text(self.cfg), self.step)
         self.tb.text("code", f"linearsr code {code_id()} (`linearsr --version` prints the same id for the same files)", self.step)
         log.info("linearsr code %s", code_id())
@@ -258,7 +269,7 @@ class Trainer:
         self.step += 1
         self.samples += cfg.data.batch_size * cfg.optim.grad_accum * self.world
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         return sum(losses) / len(losses), wait
 
     def maybe_die(self, during_checkpoint: bool) -> None:
@@ -312,7 +323,11 @@ class Trainer:
         loss_sum, loss_n, wait, elapsed_sum = all_sum([sum(self.win_loss), len(self.win_loss), self.win_wait, elapsed],
                                                       self.device)
         t_min, neg_t_max = all_min([self.t_seen[0], -self.t_seen[1]], self.device)
-        val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
+        raw_loss, raw_by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
+        val_loss, by_interval = raw_loss, raw_by_interval
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                val_loss, by_interval = evaluate(self.engine, self.val_batches, cfg.flow, self.interval, self.device)
         # storage retries: this process's (checkpoints, metrics, TensorBoard, and the loaders when they have no
         # worker processes) plus those of the loaders' worker processes
         workers = self.train_loader.retries + self.val_retries if cfg.data.num_workers else 0
@@ -329,6 +344,9 @@ class Trainer:
             "train_loss": loss_sum / max(1.0, loss_n),
             "val_loss": val_loss,
             "val_loss_by_interval": by_interval,
+            **({"val_loss_raw": raw_loss, "val_loss_raw_by_interval": raw_by_interval} if self.ema is not None else {}),
+            "weights": "ema" if self.ema is not None else "raw",  # whose loss val_loss is
+            "global_step": self.step_offset + self.step,
             "lr": current_lr(self.engine),
             "grad_norm": grad_norm(self.engine),
             "samples_per_s": (self.samples - self.win_samples) / max(1e-9, elapsed),
@@ -366,8 +384,10 @@ class Trainer:
         n = min(self.cfg.validation.num_images, vb.hr.shape[0])
         lr, tags = vb.lr[:n].to(self.device), vb.tags[:n]
         self.engine.eval()
-        one = sample(self.model, lr, tags, steps=1, seed=self.cfg.run.seed).image
-        many = sample(self.model, lr, tags, steps=self.cfg.validation.sample_steps, seed=self.cfg.run.seed).image
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            one = sample(self.model, lr, tags, steps=1, seed=self.cfg.run.seed).image
+            many = sample(self.model, lr, tags, steps=self.cfg.validation.sample_steps, seed=self.cfg.run.seed,
+                          shift=self.cfg.flow.shift).image
         self.engine.train()
         return image_grid(lr, one, many, vb.hr[:n]) if self.rank == 0 else None
 
@@ -392,6 +412,8 @@ class Trainer:
                 "val_loss_by_interval": record["val_loss_by_interval"], "world_size": self.world,
                 "zero_stage": cfg.deepspeed.zero_stage, "t_interval": record["t_interval"],
                 "config": configlib.to_dict(cfg), "record": record, "code": code_id(),
+                "global_step": record["global_step"], "weights": record["weights"],
+                "init_weights": self.init_weights,
             })
             if self.ema is not None:
                 from safetensors.torch import save_file

@@ -1,6 +1,10 @@
 """TensorBoard under RUN/tb/ (rank 0): the metrics scalars, LR | 1-NFE | N-step | HR image grids,
 and the resolved config as text.
 
+Every event is written at `step_offset + step`: a fine-tune passes its init checkpoint's global
+step, so an expert's curves sit on the pretrain's step axis, continuing them (TensorBoard overlays
+runs that share a tag).
+
 For a remote run URL (s3://...) the event file is written to a local staging folder and copied
 to RUN/tb/ after every flush: TensorBoard's own S3 support would ignore our endpoint settings."""
 
@@ -28,9 +32,10 @@ def image_grid(lr: torch.Tensor, one_nfe: torch.Tensor, n_step: torch.Tensor, hr
 class TBWriter:
     """A SummaryWriter that also works for s3:// run dirs. Non-finite scalars are written as they are."""
 
-    def __init__(self, run_url: str):
+    def __init__(self, run_url: str, step_offset: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.offset = step_offset
         self.remote = None
         if storage.is_local(run_url):
             logdir = storage.local_path(storage.join(run_url, "tb"))
@@ -41,8 +46,9 @@ class TBWriter:
         self.writer = SummaryWriter(log_dir=logdir, flush_secs=3600)
 
     def scalars(self, record: dict, step: int) -> None:
+        step += self.offset
         for key, value in record.items():
-            if key in ("step", "checkpoint", "wall_time"):
+            if key in ("step", "checkpoint", "wall_time", "global_step"):
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
@@ -52,11 +58,11 @@ class TBWriter:
                 self.writer.add_scalar(_tag(key), float(value), step)
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        self.writer.add_image(tag, grid, step)
+        self.writer.add_image(tag, grid, step + self.offset)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         # markdown code block: keeps the JSON indentation readable in the TEXT tab
-        self.writer.add_text(tag, "```\n" + text + "\n```", step)
+        self.writer.add_text(tag, "```\n" + text + "\n```", step + self.offset)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -84,3 +84,25 @@ def consolidate(local_dir: str) -> dict[str, torch.Tensor]:
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=TAG)
     prefix = "model."
     return {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_weights(ckpt_url: str, local_dir: str, ema: bool | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, "ema" | "raw") of a complete checkpoint, its files verified against COMPLETE:
+    the EMA weights when `ema` is True, or None and the checkpoint has them; else the raw ones,
+    consolidated from the shards of any ZeRO stage and world size. Only the files needed are read."""
+    from safetensors.torch import load_file
+
+    from linearsr.trainer import checkpoint as ckpt
+
+    has_ema = ckpt.EMA_FILE in ((ckpt.read_marker(ckpt_url) or {}).get("files") or {})
+    if ema and not has_ema:
+        raise FileNotFoundError(f"checkpoint {ckpt_url} has no EMA weights (the run had optim.ema_decay = 0)")
+    use_ema = has_ema if ema is None else ema
+    wanted = (lambda rel: rel == ckpt.EMA_FILE) if use_ema else (lambda rel: rel.startswith(TAG + "/"))
+    local, problems = ckpt.fetch(ckpt_url, local_dir, keep=wanted)
+    if problems:
+        raise ValueError(f"checkpoint {ckpt_url} does not match its {ckpt.MARKER} list ({'; '.join(problems[:3])}); "
+                         "use an earlier one")
+    if use_ema:
+        return load_file(os.path.join(local, ckpt.EMA_FILE)), "ema"
+    return consolidate(local), "raw"

@@ -27,6 +27,7 @@ SMALL = [  # cpu_tiny, smaller batches and validation so a step takes ~0.1 s
     "data.batch_size=4", "data.crop=64", "data.val_crop=64", "data.num_workers=0", "data.shuffle_buffer=8",
     "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "flow.val_points_per_interval=2",
     "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
+    "flow.split=lambda", "optim.schedule=cosine", "optim.min_lr=1e-4",  # the intervals and schedule tested below
 ]
 SAMPLES_PER_STEP = 4 * 2  # batch x workers
 
@@ -95,7 +96,7 @@ def runs(ray_cluster, photo_shards, s3_server, tmp_path_factory) -> dict:
     reads = FaultProxy(s3_server.endpoint).__enter__()  # forwards untouched, counts what is read
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("AWS_ENDPOINT_URL", reads.url)  # the jobs get the endpoint of their submitter
-    z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "run.steps=30", "checkpoint.every=10",
+    z3 = r.submit("zero3", shards, "deepspeed.zero_stage=3", "optim.ema_decay=0", "run.steps=30", "checkpoint.every=10",
                   "validation.image_every=30", "faults.die_at_step=20", "faults.die_during_checkpoint=true",
                   f"faults.die_once_marker={out['marker']}-z3", "--run", out["zero3_s3"])
     r.wait(z2)
@@ -146,7 +147,7 @@ def test_zero2_validation_loss_decreases(zero2):
 
 def test_metrics_schema_and_intervals(zero2):
     records = rundir.read_metrics(zero2)
-    keys = [iv.key for iv in FlowConfig(val_points_per_interval=2).intervals()]
+    keys = [iv.key for iv in FlowConfig(shift=3.0, split="lambda").intervals()]  # cpu_tiny's shift, SMALL's split
     assert keys == ["-inf,-3", "-3,0", "0,3", "3,inf"]
     for r in records:
         assert set(rundir.METRIC_FIELDS) <= set(r), set(rundir.METRIC_FIELDS) - set(r)
@@ -154,6 +155,8 @@ def test_metrics_schema_and_intervals(zero2):
         assert all(v > 0 for v in r["val_loss_by_interval"].values())
         assert 0 <= r["data_wait_frac"] <= 1 and r["samples_per_s"] > 0 and r["grad_norm"] > 0
         assert r["samples"] == r["step"] * SAMPLES_PER_STEP
+        # cpu_tiny keeps EMA weights: val_loss is theirs (what the sidecar decides on), the raw loss beside it
+        assert r["weights"] == "ema" and math.isfinite(r["val_loss_raw"]) and r["global_step"] == r["step"]
 
 
 def test_killed_worker_resumes_from_last_checkpoint(zero2):
@@ -242,6 +245,9 @@ def test_finetune_starts_from_init_weights_at_step_zero(finetune, zero2):
     assert first[0]["step"] == 10 and first[0]["start_step"] == 0
     # starting from the pretrained weights, its first validation beats the pretrain's first one
     assert first[0]["val_loss"] < pretrain[0]["val_loss_by_interval"]["0,3"]
+    # it started from the EMA weights, and its step axis continues the pretrain's (60 + own step)
+    assert ckpt.read_meta(ckpt.url_of(run, 20))["init_weights"] == "ema"
+    assert [r["global_step"] for r in first] == [70, 80]
 
 
 def test_rerun_on_existing_run_dir_resumes(finetune):

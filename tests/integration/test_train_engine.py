@@ -68,7 +68,7 @@ def test_bf16_zero3_trains_and_consolidates_to_fp32(single_process_group, tmp_pa
     from linearsr.trainer.zero import consolidate
     from linearsr.trainer.engine import build_engine, init_distributed
 
-    cfg = load_config(TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=3", "data.batch_size=2"])
+    cfg = load_config(TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=3", "data.batch_size=2", "optim.ema_decay=0"])
     init_distributed(use_gpu=False)
     engine, _ = build_engine(cfg, LinearSR(cfg.model))
     assert next(engine.module.parameters()).dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 """The experiment config: presets load, overrides apply, bad input is named, JSON round-trips."""
 
+import glob
 import json
 import os
 
@@ -25,7 +26,7 @@ def test_presets_load_with_their_models():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(TINY, ["optim.lr=2e-4", "run.steps=50", "run.name=other", "deepspeed.zero_stage=3",
+    cfg = load_config(TINY, ["optim.lr=2e-4", "run.steps=50", "run.name=other", "deepspeed.zero_stage=3", "optim.ema_decay=0",
                              "optim.betas=[0.8, 0.95]", "checkpoint.keep=3", "data.degradation.jpeg_quality=[50, 90]"])
     assert cfg.optim.lr == 2e-4 and cfg.run.steps == 50 and cfg.run.name == "other"
     assert cfg.deepspeed.zero_stage == 3 and cfg.optim.betas == (0.8, 0.95) and cfg.checkpoint.keep == 3
@@ -92,3 +93,30 @@ def test_defaults_are_inert_and_missing_file_is_named(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))))
+def test_every_shipped_preset_trains_the_1nfe_input_and_has_an_esgf_table(path):
+    import torch
+
+    from linearsr.ckpt_analysis.config import check_config
+
+    cfg = load_config(path)
+    assert 0.02 <= cfg.flow.t1_fraction <= 0.25, "a share of every batch at t = 1 (pure noise): the 1-NFE input"
+    t = cfg.flow.sample_t(1000, generator=torch.Generator().manual_seed(0))
+    assert (t == 1.0).float().mean().item() == pytest.approx(cfg.flow.t1_fraction, abs=0.002)
+    esgf = check_config(cfg.to_dict())
+    assert esgf.stop_at_knee and esgf.experts.steps > 0
+    assert cfg.optim.schedule == "constant"  # the knee, not a cosine tied to run.steps, ends the pretrain
+    tree = load_config(path, esgf.experts.trainer_overrides())
+    assert tree.optim.lr < cfg.optim.lr and tree.optim.schedule == "cosine"  # experts: a lower LR, annealed
+    assert tree.cluster.num_workers <= cfg.cluster.num_workers
+
+
+def test_base_x4_experts_are_a_few_percent_of_the_pretrain_and_share_its_gpus():
+    from linearsr.ckpt_analysis.config import esgf_from_config
+
+    cfg = load_config(BASE)
+    esgf = esgf_from_config(cfg.to_dict())
+    assert 0.05 <= esgf.experts.steps / cfg.run.steps <= 0.10
+    assert esgf.experts.share_workers and cfg.optim.ema_decay > 0 and esgf.knee.confidence >= 1

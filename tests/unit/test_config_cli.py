@@ -39,6 +39,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     (["esgf.experts.overrides=['cluster.num_worker=1']"],
      "esgf.experts.overrides: unknown config key 'cluster.num_worker'"),
     (["esgf.experts.overrides=['optim.lr=-1']"], "esgf.experts.overrides: optim.lr must be > 0"),
+    (["flow.bisection_depth=0"], "flow.bisection_depth must be >= 1: it is the depth of the ESGF expert tree"),
+    (["flow.split=fixed", "flow.split_points=[-1, 0, 9]"], "flow.split_points [9.0] lie outside the range"),
+    (["esgf.experts.init=parents"], "'esgf.experts.init' is 'parents'; choose one of 'knee', 'per_interval'"),
+    (["esgf.knee.tolerance=0"], "esgf.knee.tolerance must lie in (0, 1)"),
+    (["esgf.experts.control_overrides=['data.batch_size=0']"], "esgf.experts.control_overrides: data.batch_size"),
 ])
 def test_bad_config_is_one_line_naming_the_key(capsys, tmp_path, args, message):
     code, err = run_cli(capsys, "train", "--config", TINY, *args, "--run", str(tmp_path / "run"))

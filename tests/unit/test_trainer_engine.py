@@ -21,7 +21,7 @@ def test_warmup_then_cosine_down_to_min_lr():
 
 
 def test_deepspeed_config_follows_the_train_config():
-    cfg = load_config(TINY, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "optim.grad_accum=4",
+    cfg = load_config(TINY, ["deepspeed.zero_stage=3", "optim.ema_decay=0", "deepspeed.precision=bf16", "optim.grad_accum=4",
                              "optim.grad_clip=0.5", "data.batch_size=6"])
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
