@@ -16,7 +16,7 @@ import argparse
 from linearsr.ckpt_analysis.decision import manual_decision
 from linearsr.ckpt_analysis.experts import checkpoint_complete
 from linearsr.ckpt_analysis.sidecar import Sidecar, absolute
-from linearsr.trainer.rundir import exists, write_json
+from linearsr.trainer.rundir import exists
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         if decision is None:
             _ = sidecar.jobs  # fail on an unreachable cluster before writing anything
             decision = manual_decision(sidecar.run.read_metrics(), ckpt, sidecar.cfg, args.knee_step)
-            write_json(sidecar.run.decision, decision)
-            sidecar.state.data["decision"] = {k: decision[k] for k in ("checkpoint", "knee_step", "diverged_at", "method")}
-            sidecar.state.event(f"decision: {ckpt} (manual)")
-            sidecar.state.save()
+            sidecar.save_decision(decision)
     elif decision is None:
         raise ValueError(f"{sidecar.run.url} has no decision yet: pass --from-checkpoint CKPT, "
                          "or let the sidecar decide (`linearsr analyze RUN --watch`)")

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from linearsr.core.storage import StorageConfig
 from linearsr.model.flow import FlowConfig
 from linearsr.trainer.configlib import from_dict
 
@@ -177,11 +178,14 @@ class ESGFConfig:
     stop_at_knee: bool = True  # stop the pretrain job once the knee is confirmed (its workers go to the experts)
     stop_pretrain_on_divergence: bool = True
     poll_seconds: float = 30.0
+    lease_seconds: float = 120.0  # the sidecar's lease on the run: renewed every third of this; a dead holder's expires
     ray_address: str = ""  # Jobs API URL; "" = RAY_ADDRESS or the `make ray-up` head
 
     def __post_init__(self):
         if self.poll_seconds <= 0:
             raise ValueError(f"esgf.poll_seconds must be > 0, got {self.poll_seconds}")
+        if self.lease_seconds <= 0:
+            raise ValueError(f"esgf.lease_seconds must be > 0, got {self.lease_seconds}")
 
     def params(self) -> dict:
         """The detection parameters, as recorded in decision.json."""
@@ -200,6 +204,11 @@ def esgf_from_config(config: dict) -> ESGFConfig:
 
 def flow_from_config(config: dict) -> FlowConfig:
     return from_dict(FlowConfig, config.get("flow") or {}, prefix="flow")
+
+
+def storage_from_config(config: dict) -> StorageConfig:
+    """The run's storage retry settings (its `[storage]` table), which the sidecar uses too."""
+    return from_dict(StorageConfig, config.get("storage") or {}, prefix="storage")
 
 
 def check_config(config: dict) -> ESGFConfig:

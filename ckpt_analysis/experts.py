@@ -97,9 +97,10 @@ class JobTracker:
     Every change is saved to state.json before the next Ray call."""
 
     def __init__(self, jobs: Jobs, state: State, run: RunDir, cfg: ESGFConfig, sleep: Callable[[float], None] = time.sleep,
-                 token: str = ""):
+                 token: str = "", guard: Callable[[], None] | None = None):
         self.jobs, self.state, self.rundir, self.cfg, self.sleep = jobs, state, run, cfg, sleep
         self.token = token
+        self.guard = guard or (lambda: None)  # raises when this sidecar may no longer act (its lease was taken)
         self.env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
 
     def add(self, spec: JobSpec) -> dict:
@@ -124,6 +125,7 @@ class JobTracker:
         self.state.save()
 
     def _submit(self, key: str, spec: JobSpec, attempt: dict | None = None) -> None:
+        self.guard()
         rec = self.state.jobs[key]
         if attempt is None:  # a new attempt: record the intent first
             attempt = {"submission_id": submission_id(self.rundir, key, len(rec["attempts"]) + 1, self.token),
@@ -151,9 +153,15 @@ class JobTracker:
         rec = self.state.jobs[key]
         attempt = rec["attempts"][-1]
         info = self.jobs.info(attempt["submission_id"])
-        if info is None:  # the cluster forgot it (restarted): count it as a failed attempt
+        if info is None:  # the cluster forgot it (its head restarted): not the job's fault
             attempt.update(status="LOST", end_time=time.time(),
-                           message="the Ray cluster has no record of this job (was it restarted?)")
+                           message="the Ray cluster has no record of this job (was its head restarted?)")
+            rec["budget"] += 1  # resubmitted without spending one of its retries
+            rec["status"] = "waiting"
+            self.state.event(f"{rec['name']}: the Ray cluster lost {attempt['submission_id']} (was its head restarted?); "
+                             "resubmitting it, not counted against its retries (its run dir resumes from its last "
+                             "complete checkpoint)", logging.WARNING)
+            return True
         elif info.status == attempt["status"] and not info.terminal:
             return False
         else:
@@ -161,8 +169,8 @@ class JobTracker:
         if attempt["status"] == "SUCCEEDED":
             rec["status"] = "succeeded"
             self.state.event(f"{rec['name']}: succeeded ({attempt['submission_id']})")
-        elif attempt["status"] in ("FAILED", "STOPPED", "LOST"):
-            tail = self.jobs.logs_tail(attempt["submission_id"], 15) if info is not None else ""
+        elif attempt["status"] in ("FAILED", "STOPPED"):
+            tail = self.jobs.logs_tail(attempt["submission_id"], 15)
             attempt["log_tail"] = tail
             left = rec["budget"] - len(rec["attempts"])
             rec["status"] = "waiting" if left > 0 else "failed"

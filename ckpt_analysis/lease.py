@@ -27,12 +27,12 @@ from linearsr.core import storage
 log = logging.getLogger(__name__)
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(ValueError):
     """Another live sidecar holds the run (a user-facing one-sentence error)."""
 
 
-class LeaseLost(RuntimeError):
-    """This sidecar's lease was taken over: it must stop acting on the run."""
+class LeaseLost(ValueError):
+    """This sidecar's lease was taken over: it must stop acting on the run (one sentence)."""
 
 
 class Lease:

@@ -11,25 +11,32 @@
                                 checkpoints into RUN/bundle/.
 
 Everything it does is recorded in analysis/state.json first, so a killed sidecar, restarted
-with the same command, picks up where it stopped and never submits a job twice.
+with the same command, picks up where it stopped and never submits a job twice. One sidecar acts
+on a run at a time: `watch` and `run_experts` hold the run's lease (ckpt_analysis/lease.py); a
+second one is refused naming the holder, and one whose lease was taken over stops submitting.
+The checkpoints it depends on (the decision's, the bundle's sources) are pinned against retention.
 Exit codes: 0 bundle written, 1 an expert failed for good or no decision is possible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from linearsr.ckpt_analysis.config import esgf_from_config, flow_from_config
+from linearsr.ckpt_analysis.config import esgf_from_config, flow_from_config, storage_from_config
 from linearsr.ckpt_analysis.decision import Analysis, analyze, curve_from_records
 from linearsr.ckpt_analysis.experts import JobTracker, assemble_bundle, checkpoint_complete, decision_token
 from linearsr.ckpt_analysis.knee import detect_divergence
+from linearsr.ckpt_analysis.lease import Lease
 from linearsr.ckpt_analysis.report import log_stop, write_decision_outputs
 from linearsr.ckpt_analysis.state import State
 from linearsr.ckpt_analysis.tree import TreeRun
 from linearsr.cluster.jobs import Jobs
+from linearsr.core import storage
+from linearsr.trainer import checkpoint as ckpt
 from linearsr.trainer.rundir import RunDir, exists, is_local, local_path, read_json, read_json_or_none, write_json
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,7 @@ class Sidecar:
         self.run = RunDir(absolute(run_url))
         self.config = load_run_config(self.run)
         self.cfg = esgf_from_config(self.config)
+        storage.configure(storage_from_config(self.config))  # the run's retry budget, for the sidecar's own I/O
         self.flow = flow_from_config(self.config)
         self.budget = (self.config.get("run") or {}).get("steps")
         self.poll = poll_seconds or self.cfg.poll_seconds
@@ -89,6 +97,7 @@ class Sidecar:
         self.sleep = sleep
         self._jobs = jobs
         self.state = State(self.run)
+        self.lease: Lease | None = None
         if pretrain_job:  # saved with the next state change, once the cluster has answered
             self.state.data["pretrain_job"] = pretrain_job
 
@@ -101,6 +110,22 @@ class Sidecar:
     @property
     def pretrain_job(self) -> str | None:
         return self.state.data["pretrain_job"]
+
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[None]:
+        """Hold the run's lease while acting (re-entrant: watch -> run_experts)."""
+        if self.lease is not None:
+            yield
+            return
+        with Lease(self.run.url, self.cfg.lease_seconds) as self.lease:
+            try:
+                yield
+            finally:
+                self.lease = None
+
+    def _guard(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
 
     # ------------------------------------------------------------------ deciding
 
@@ -117,7 +142,17 @@ class Sidecar:
             except ConnectionError as e:
                 log.warning("cannot tell whether the pretrain job has ended: %s", e)
                 return False
-            return info is None or info.terminal
+            if info is None:  # unknown, not finished: never decide on a partial curve because of it
+                if self.state.data.get("pretrain_unknown") != self.pretrain_job:
+                    self.state.data["pretrain_unknown"] = self.pretrain_job
+                    self.state.event(
+                        f"the Ray cluster has no record of the pretrain job {self.pretrain_job} (was its head "
+                        "restarted?); no decision on a partial curve: watching metrics.jsonl for a resubmitted "
+                        "pretrain (`linearsr submit` on the same run resumes it; pass its id with --pretrain-job), "
+                        "or decide with the validations there are: `linearsr analyze RUN --finished`", logging.WARNING)
+                    self.state.save()
+                return False
+            return info.terminal
         return False
 
     def analyze(self, finished: bool | None = None) -> Analysis:
@@ -131,14 +166,19 @@ class Sidecar:
         return read_json_or_none(self.run.decision)
 
     def record_decision(self, analysis: Analysis) -> dict:
-        decision = analysis.decision
-        assert decision is not None
+        """Take the analysis' decision: decision.json, state.json, the picture and TensorBoard."""
+        assert analysis.decision is not None
+        self.save_decision(analysis.decision)
+        write_decision_outputs(self.run, analysis, analysis.decision)
+        return analysis.decision
+
+    def save_decision(self, decision: dict) -> None:
+        """Pin the chosen checkpoint (retention keeps it), then write decision.json and state.json."""
+        ckpt.pin(decision["checkpoint"], by=self.run.decision, why="the ESGF decision: every expert starts from it")
         write_json(self.run.decision, decision)
         self.state.data["decision"] = {k: decision.get(k) for k in ("checkpoint", "knee_step", "confirmed_at", "diverged_at", "method")}
         self.state.event(f"decision: {decision['checkpoint']} ({decision['reason']})")
         self.state.save()
-        write_decision_outputs(self.run, analysis, decision)
-        return decision
 
     def stop_pretrain(self, kind: str, reason: str) -> None:
         """Stop the pretrain job (once) if it is known and still running, recording why (state.json,
@@ -170,7 +210,11 @@ class Sidecar:
 
     def watch(self) -> int:
         """Poll until a decision is due, take it once, then act on it. Returns the exit code."""
-        _ = self.jobs  # an unreachable cluster fails now, not after hours of waiting for the knee
+        with self.leased():
+            _ = self.jobs  # an unreachable cluster fails now, not after hours of waiting for the knee
+            return self._watch()
+
+    def _watch(self) -> int:
         decision, last_reason = self.decision(), None
         if decision is not None:
             log.info("decision already taken: %s (%s)", decision["checkpoint"], decision["reason"])
@@ -208,10 +252,15 @@ class Sidecar:
 
     def run_experts(self, decision: dict, retry_failed: bool = False) -> int:
         """Fine-tune the tree from decision['checkpoint'] and write the bundle. Exit code."""
+        with self.leased():
+            return self._run_experts(decision, retry_failed)
+
+    def _run_experts(self, decision: dict, retry_failed: bool) -> int:
         if (self.state.data["bundle"] or {}).get("status") == "written" and not retry_failed:
             log.info("bundle already written: %s", self.state.data["bundle"]["path"])
             return 0
-        tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep, token=decision_token(decision))
+        tracker = JobTracker(self.jobs, self.state, self.run, self.cfg, self.sleep, token=decision_token(decision),
+                             guard=self._guard)
         self._compare_code(decision["checkpoint"])
         if retry_failed:
             tracker.retry_failed([k for k, rec in self.state.jobs.items() if rec["status"] == "failed"])
@@ -225,6 +274,8 @@ class Sidecar:
             return self._fail(tree.failed, "expert fine-tune(s) failed")
         extra = {"sampling": {"shift": self.flow.shift}, "tree": tree.manifest_tree(leaves),
                  "decision": {k: decision.get(k) for k in ("method", "knee_step", "checkpoint", "checkpoint_step")}}
+        for e in leaves:
+            ckpt.pin(e.checkpoint, by=self.run.bundle, why=f"the source of the bundle's expert {e.node}")
         try:
             url = assemble_bundle(self.run, self.config, leaves, decision.get("knee_step"), extra)
         except (ValueError, FileNotFoundError) as e:
