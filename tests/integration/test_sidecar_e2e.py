@@ -15,7 +15,7 @@ from PIL import Image
 
 from linearsr.cluster.jobs import Jobs, command
 from linearsr.main import main
-from linearsr.model import upscale as upscale_mod
+from linearsr.model import inference as upscale_mod
 from linearsr.model.bundle import read_manifest
 from linearsr.model.flow import find_interval
 from linearsr.trainer import checkpoint as ckpt
@@ -91,7 +91,7 @@ def test_pretrain_knee_tree_of_experts_bundle_upscale(ray_cluster, tiny_shards, 
     Image.new("RGB", (12, 10), (120, 80, 40)).save(tmp_path / "lr.png")
     loaded = []
     real_load = upscale_mod.load_bundle
-    monkeypatch.setattr(upscale_mod, "load_bundle", lambda p: loaded.append(real_load(p)) or loaded[-1])
+    monkeypatch.setattr(upscale_mod, "load_bundle", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     assert main(["upscale", "--bundle", os.path.join(run, "bundle"), str(tmp_path / "lr.png"),
                  "--out", str(tmp_path / "out"), "--steps", "8", "--tile", "0", "--tags", "red"]) == 0
     assert Image.open(tmp_path / "out" / "lr.png").size == (48, 40)
