@@ -7,7 +7,8 @@ local: O_EXCL), so of two sidecars started at once exactly one wins; the other g
 one sentence naming the holder. A heartbeat thread renews it every `seconds / 3` with a
 conditional overwrite (S3: If-Match the ETag it last wrote). A lease whose `expires_at` has passed
 (its sidecar was killed or lost the storage) is taken over by the next sidecar, which resumes from
-analysis/state.json. A holder that finds its lease taken over stops acting (`check()` raises
+analysis/state.json; so is, at once, a lease whose holder ran on this host under a process id
+that is no longer alive (a sidecar killed here and restarted here need not wait out the lease). A holder that finds its lease taken over stops acting (`check()` raises
 `LeaseLost`) instead of submitting jobs beside the new holder.
 
 Expiry compares wall clocks of different machines: keep them in sync (NTP) and `seconds` well
@@ -33,6 +34,20 @@ class LeaseHeld(ValueError):
 
 class LeaseLost(ValueError):
     """This sidecar's lease was taken over: it must stop acting on the run (one sentence)."""
+
+
+def _dead_here(record: dict) -> bool:
+    """True when the lease's holder ran on this host and its process is gone."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -65,15 +80,17 @@ class Lease:
                 continue
             data, tag = current
             other = storage.loads(data.decode())
-            if other.get("expires_at", 0) > self.clock():
+            if other.get("expires_at", 0) > self.clock() and not _dead_here(other):
                 raise LeaseHeld(
                     f"{self.url} is held by another sidecar ({other.get('holder')}, heartbeat "
                     f"{self.clock() - other.get('heartbeat_at', 0):.0f} s ago): stop it first, or wait until its "
                     f"lease expires in {other['expires_at'] - self.clock():.0f} s (esgf.lease_seconds)")
             self.tag = storage.replace_if_unchanged(self.url, self._record(), tag)
             if self.tag is not None:
-                log.warning("took over the expired sidecar lease of %s (its last heartbeat was %.0f s ago); "
-                            "resuming from analysis/state.json", other.get("holder"), self.clock() - other.get("heartbeat_at", 0))
+                log.warning("took over the sidecar lease of %s (%s; its last heartbeat was %.0f s ago); "
+                            "resuming from analysis/state.json", other.get("holder"),
+                            "expired" if other.get("expires_at", 0) <= self.clock() else "its process is gone",
+                            self.clock() - other.get("heartbeat_at", 0))
                 return self
 
     def renew(self) -> None:

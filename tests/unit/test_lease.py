@@ -54,3 +54,19 @@ def test_the_heartbeat_keeps_a_live_sidecar_s_lease(tmp_path):
             Lease(run, seconds=0.3).acquire()
         lease.check()
     assert not storage.exists(lease.url)
+
+
+def test_a_lease_whose_process_died_on_this_host_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "run")
+    code = f"from linearsr.ckpt_analysis.lease import Lease; Lease({run!r}, seconds=3600).acquire()"
+    subprocess.run([sys.executable, "-c", code], check=True)  # acquires, then exits without releasing
+    dead = storage.read_json(Lease(run).url)
+    new = Lease(run, seconds=3600).acquire()  # no hour-long wait: its holder's pid is gone
+    assert storage.read_json(new.url)["holder"] == new.holder != dead["holder"]
+    live = Lease(str(tmp_path / "other"), seconds=3600).acquire()
+    with pytest.raises(LeaseHeld):  # our own process is alive: refused as before
+        Lease(str(tmp_path / "other"), seconds=3600).acquire()
+    live.release()
