@@ -1,8 +1,9 @@
 """`linearsr demo` (what `make demo` runs): the whole pipeline on this machine.
 
-    photos -> shards -> local Ray head -> pretrain (a Ray Job, DeepSpeed ZeRO-2, 2 workers)
-    watched by the ESGF sidecar -> knee decision -> 4 expert fine-tunes in parallel (Ray Jobs)
-    -> bundle -> TAG tagger -> evaluation on the development photos -> report
+    photos -> shards -> TAG tagger -> local Ray head -> pretrain (a Ray Job, DeepSpeed ZeRO-2,
+    2 workers; every crop tagged by the tagger) watched by the ESGF sidecar -> knee decision
+    -> 4 expert fine-tunes in parallel (Ray Jobs) -> bundle (+ the same tagger) -> evaluation
+    on the development photos (with the TAG ablation) -> report
 
 Every stage is resumable: rerunning the command picks up where it stopped (the trainer resumes
 from its last complete checkpoint, the sidecar from analysis/state.json, finished stages are
@@ -35,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", default="runs/data/shards", help="photo shards (`make data` builds them)")
     parser.add_argument("--devset", default="runs/data/devset", help="evaluation photos (`make devset` writes them)")
     parser.add_argument("--eval-steps", type=int, default=10, help="the multi-step sampling setting of the evaluation")
-    parser.add_argument("--tagger-steps", type=int, default=300)
     parser.add_argument("--keep-cluster", action="store_true", help="leave the local Ray head running at the end")
     parser.add_argument("overrides", nargs="*", help="config overrides for the pretrain, e.g. run.steps=200")
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.trainer.evaluate import evaluate
     from linearsr.trainer.export import export_bundle
     from linearsr.trainer.rundir import RunDir, exists, fs_for, read_json, read_json_or_none, write_json
+    from linearsr.model.tagger import Tagger
     from linearsr.trainer.tagger import add_to_bundle, train_tagger
 
     total = 7
@@ -89,7 +90,17 @@ def run(args: argparse.Namespace) -> int:
         shards, run_url, _ = _s3_setup(args.shards, run_local)
     run = RunDir(run_url)
 
-    _stage(2, total, "local Ray cluster")
+    _stage(2, total, "TAG tagger on the shards' photo tags (frozen ImageNet AlexNet features, thresholds for precision)")
+    tagger_file = os.path.join(run_local, "tagger.safetensors")  # where the pretrain keeps its copy (trainer/tagsource.py)
+    if not os.path.exists(tagger_file.removesuffix(".safetensors") + ".json"):
+        tagger, report = train_tagger(shards)
+        tagger.save(tagger_file)
+        val = report["tagger"]["val"]
+        print(f"tagger: {len(tagger.emitted)} of {len(tagger.vocab)} tags on ({', '.join(tagger.emitted)}); val photos: "
+              f"mean AUC {val['mean_auc']:.3f}, precision {val['precision'] if val['precision'] is not None else '—'}")
+    print(f"tagger: {tagger_file} (every pretrain and expert crop is tagged by it)")
+
+    _stage(3, total, "local Ray cluster")
     state_dir = "runs/ray" if args.store == "local" else "runs/ray-s3demo"
     own_head = local.attach(state_dir) is None
     cluster = local.start(state_dir, num_cpus=max(4, 2 * (os.cpu_count() or 2)))
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle_local = os.path.join(run_local, "bundle")
         if not exists(run.manifest):
-            _stage(3, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers)")
+            _stage(4, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers)")
             demo_state_path = os.path.join(run_local, "demo.json")
             demo_state = read_json_or_none(demo_state_path) or {}
             job_id = demo_state.get("pretrain_job")
@@ -106,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
                 job_id = f"demo-pretrain-{uuid.uuid4().hex[:8]}"
                 write_json(demo_state_path, {**demo_state, "pretrain_job": job_id, "run": run_url})
             entry = command("train", "--config", os.path.abspath(args.config), "--run", run_url,
-                            f"data.shards={shards}", *args.overrides)
+                            f"data.shards={shards}", "tags.source=tagger", f"tags.tagger={tagger_file}", *args.overrides)
             info = jobs.submit(job_id, entry, num_cpus=0)
             print(f"job {job_id} {info.status}\n  follow it:    ray job logs -f {job_id} --address {cluster.jobs_address}"
                   f"\n  TensorBoard:  make tensorboard  (then http://127.0.0.1:6006)")
 
-            _stage(4, total, "ESGF sidecar: knee decision, then 4 expert fine-tunes in parallel")
+            _stage(5, total, "ESGF sidecar: knee decision, then 4 expert fine-tunes in parallel")
             wait_for_run(run_url, job_id, cluster.jobs_address, poll_seconds=2)
             rc = Sidecar(run_url, pretrain_job=job_id, ray_address=cluster.jobs_address, poll_seconds=5).watch()
             if rc != 0:
@@ -121,28 +132,25 @@ def run(args: argparse.Namespace) -> int:
             if pretrain is not None and not pretrain.terminal:
                 jobs.wait(job_id)
         else:
-            print(f"\n=== [3-4/{total}] bundle already written at {run.bundle}: pretrain and experts skipped")
+            print(f"\n=== [4-5/{total}] bundle already written at {run.bundle}: pretrain and experts skipped")
         decision = read_json(run.decision)
         print(f"knee: step {decision['knee_step']} -> {decision['checkpoint']}\n  why: {decision['reason']}")
         if args.store == "s3":  # researchers upscale from a local copy
             fs, path = fs_for(run.bundle)
             fs.get(path, bundle_local, recursive=True)
 
-        _stage(5, total, "knee model alone (for the ablation): export of the knee checkpoint")
+        _stage(6, total, "knee model alone (for the ablation): export of the knee checkpoint")
         knee_dir = os.path.join(run_local, "knee")
         if not os.path.exists(os.path.join(knee_dir, "manifest.json")):
             export_bundle(decision["checkpoint"], knee_dir, knee_step=decision["knee_step"])
 
-        _stage(6, total, "TAG tagger on the shards' tags -> bundle")
         from linearsr.model.bundle import read_manifest
 
-        if not read_manifest(bundle_local).get("tagger"):
-            tagger, scores = train_tagger(shards, steps=args.tagger_steps)
-            add_to_bundle(tagger, bundle_local)
-            print(f"tagger: {len(tagger.vocab)} tags, held-out mean AUC {scores['mean_auc']:.3f}, top-1 precision "
-                  f"{scores['top1_precision']:.2f} (prior {scores['prior_top1_precision']:.2f})")
+        for folder in (bundle_local, knee_dir):  # the tagger the models were trained with
+            if not read_manifest(folder).get("tagger"):
+                add_to_bundle(Tagger.load(tagger_file), folder)
 
-        _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {args.eval_steps}-step, ablations)")
+        _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {args.eval_steps}-step, TAG and other ablations)")
         report_dir = os.path.join(run_local, "report")
         metrics = evaluate(bundle_local, args.devset, report_dir, steps=args.eval_steps, compare={"knee model": knee_dir})
     finally:

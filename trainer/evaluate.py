@@ -6,7 +6,8 @@ degradation), upscale with each variant, and measure PSNR-Y / SSIM-Y (border = s
 
     bicubic                       the baseline, always, same images, same run
     <bundle> 1-NFE / N steps      the MoE bundle, tags from its tagger (or none)
-    <bundle> 1-NFE, no tags       the TAG ablation
+    <bundle> 1-NFE / N, no tags / shuffled tags / CFG <s>   the TAG ablation (with a tagger): no tags,
+                                  another image's tags, classifier-free guidance at scale s
     <name>   1-NFE / N steps      every --compare NAME=BUNDLE (e.g. the knee model alone)
 
 Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | 1-NFE | N-step | HR)
@@ -45,6 +46,8 @@ class Variant:
     model: str  # key into the loaded bundles
     steps: int
     use_tags: bool
+    shuffled: bool = False  # the tags of another image (wrong tags)
+    guidance: float | None = None  # None: the evaluation's --guidance
 
 
 def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -126,6 +129,7 @@ def evaluate(
     max_images: int | None = None,
     max_tags: int = 4,
     tb: bool = True,
+    ablation_guidance: float = 3.0,
 ) -> dict:
     """Run the evaluation and write metrics.json, report.md and crops; returns the metrics dict."""
     if degradation not in ("bicubic", "realistic"):
@@ -142,7 +146,10 @@ def evaluate(
     tagger = models["bundle"].tagger
     variants = [Variant("LinearSR 1-NFE", "bundle", 1, True), Variant(f"LinearSR {steps}-step", "bundle", steps, True)]
     if tagger is not None:
-        variants.append(Variant("LinearSR 1-NFE, no tags", "bundle", 1, False))
+        for n, label in ((1, "1-NFE"), (steps, f"{steps}-step")):
+            variants += [Variant(f"LinearSR {label}, no tags", "bundle", n, False),
+                         Variant(f"LinearSR {label}, shuffled tags", "bundle", n, True, shuffled=True),
+                         Variant(f"LinearSR {label}, CFG {ablation_guidance:g}", "bundle", n, True, guidance=ablation_guidance)]
     for name in compare or {}:
         variants += [Variant(f"{name} 1-NFE", name, 1, True), Variant(f"{name} {steps}-step", name, steps, True)]
 
@@ -158,16 +165,19 @@ def evaluate(
     images = load_hr_images(hr_dir, max_images)
     per_image: dict[str, dict[str, dict]] = {}
     grids = []
+    image_tags = [tagger.predict(make_lr(modcrop(hr, scale), scale, degradation, seed + i)[None], max_tags=max_tags)[0]
+                  if tagger is not None else [] for i, (_, hr) in enumerate(images)]
     for idx, (stem, hr) in enumerate(images):
         hr = modcrop(hr, scale)
         lr = make_lr(hr, scale, degradation, seed + idx)
-        tags = tagger.predict(lr[None], max_tags=max_tags)[0] if tagger is not None else []
+        tags = image_tags[idx]
+        wrong = _wrong_tags(image_tags, idx, tagger, max_tags)
         results = {BICUBIC: {**_measure(bicubic_up(lr, scale), hr, scale, lpips), "seconds": 0.0, "nfe": 0}}
         outputs = {BICUBIC: bicubic_up(lr, scale)}
         for v in variants:
             start = time.perf_counter()
-            res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps,
-                         guidance=guidance, seed=seed + idx)
+            res = sample(models[v.model], lr[None], [wrong if v.shuffled else tags if v.use_tags else []], steps=v.steps,
+                         guidance=guidance if v.guidance is None else v.guidance, seed=seed + idx)
             seconds = time.perf_counter() - start
             outputs[v.name] = res.image[0]
             results[v.name] = {**_measure(res.image[0], hr, scale, lpips), "seconds": seconds, "nfe": res.nfe}
@@ -193,6 +203,15 @@ def evaluate(
     if tb:
         _log_tensorboard(out / "tb", grids, summary)
     return metrics
+
+
+def _wrong_tags(image_tags: list[list[str]], idx: int, tagger, max_tags: int) -> list[str]:
+    """Shuffled tags for image idx: the next image's tags that differ from its own; else the
+    tagger's tags it does not have."""
+    others = [t for t in image_tags[idx + 1:] + image_tags[:idx] if t and t != image_tags[idx]]
+    if others:
+        return others[0]
+    return [t for t in (tagger.emitted if tagger is not None else []) if t not in image_tags[idx]][:max_tags]
 
 
 def _quality_checks(summary: dict, variants: list[Variant]) -> dict:
@@ -267,6 +286,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=BUNDLE",
                         help="another bundle to ablate against, e.g. knee=runs/demo/knee (repeatable)")
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--ablation-guidance", type=float, default=3.0,
+                        help="the stronger classifier-free guidance scale of the TAG ablation (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (sorted by name)")
     parser.add_argument("--no-tb", action="store_true", help="do not write TensorBoard events")
@@ -282,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--compare {item!r} is not NAME=BUNDLE (e.g. knee=runs/demo/knee)")
         compare[name] = path
     metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
-                       args.seed, args.max_images, tb=not args.no_tb)
+                       args.seed, args.max_images, tb=not args.no_tb, ablation_guidance=args.ablation_guidance)
     base, one = metrics["summary"][BICUBIC], metrics["summary"]["LinearSR 1-NFE"]
     print(f"bicubic {base['psnr_y']:.2f} dB, LinearSR 1-NFE {one['psnr_y']:.2f} dB "
           f"({one['psnr_y'] - base['psnr_y']:+.2f}) on {metrics['num_images']} images")
