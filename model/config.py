@@ -72,7 +72,7 @@ class ModelConfig:
         need(-1.0 <= self.novel_tag_cosine <= 1.0, "novel_tag_cosine", "must be a cosine in [-1, 1]")
         need(self.cross_attn_every >= 0, "cross_attn_every", "must be >= 0 (0 = no tag cross-attention)")
         need(self.cross_attn_every > 0 or self.tag_pool, "cross_attn_every",
-             "is 0, so tags would have no effect; set model.tag_pool=true or cross_attn_every >= 1")
+             "= 0 leaves the tags no effect unless model.tag_pool = true (set it, or cross_attn_every >= 1)")
         need(self.max_tags >= 0, "max_tags", "must be >= 0")
         need(0.0 <= self.tag_dropout <= 1.0, "tag_dropout", "must be in [0, 1]")
 

@@ -2,7 +2,8 @@
 
     photos -> K random HR crops each -> LR crops (as training makes them) -> backbone features, once
     head: object tags from photo-level labels by multiple-instance learning (the LSE pool of the
-          photo's crop logits against its tags); degradation tags from exact per-crop labels
+          photo's crop logits against its tags; a missing tag counts 0.3 of a present one: the
+          photo lists are incomplete); degradation tags from exact per-crop labels
     thresholds: K-fold over the train photos; each fold's head scores the photos it never saw;
           per tag, the lowest threshold whose out-of-fold precision reaches the target
           ("precision over volume"), +inf (never emitted) where none does
@@ -34,7 +35,8 @@ class FitConfig:
     min_hits: int = 2  # ... on at least this many held-out true positives
     steps: int = 300  # full-batch AdamW steps of the head
     lr: float = 1e-2
-    weight_decay: float = 1e-2
+    l2: float = 1e-2  # on the head's weights
+    negative_weight: float = 0.3  # photo tags are incomplete: an untagged photo may still show sky
     pool_r: float = 4.0
     baseline_steps: int = 300  # the CNN baseline's training steps (batch 16, as it was trained before)
     seed: int = 0
@@ -45,6 +47,8 @@ class FitConfig:
                 raise ValueError(f"tagger {name} must be >= 1, got {getattr(self, name)}")
         if self.folds < 2:
             raise ValueError(f"tagger folds must be >= 2 (thresholds are chosen out of fold), got {self.folds}")
+        if not 0.0 < self.negative_weight <= 1.0:
+            raise ValueError(f"tagger negative_weight must lie in (0, 1], got {self.negative_weight}")
         if not 0.0 < self.precision <= 1.0:
             raise ValueError(f"tagger precision must lie in (0, 1], got {self.precision}")
 
@@ -81,10 +85,11 @@ def fit_head(tagger: Tagger, feats: torch.Tensor, labels: torch.Tensor, cfg: Fit
         tagger.feat_std.copy_(flat.std(0) + 1e-5)
     torch.manual_seed(cfg.seed)
     tagger.head.reset_parameters()
-    opt = torch.optim.AdamW(tagger.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(tagger.head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    weight = labels + cfg.negative_weight * (1 - labels)
     for _ in range(cfg.steps):
         pooled = lse_pool(tagger.head_logits(feats), cfg.pool_r, dim=1)
-        loss = F.binary_cross_entropy_with_logits(pooled, labels)
+        loss = F.binary_cross_entropy_with_logits(pooled, labels, weight=weight) + cfg.l2 * tagger.head.weight.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -91,3 +91,23 @@ def test_tag_set_round_trips_through_json():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="model.tag_set"):
         ModelConfig.preset("cpu_tiny", tag_set=["sky", ""])
+
+
+def test_cross_attention_every_k_blocks_and_a_gated_pooled_embedding():
+    from linearsr.model.network import LinearSR
+
+    every2 = LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=4, heads=2, cross_attn_every=2))
+    assert [b.cross is not None for b in every2.blocks] == [True, False, True, False]
+    assert every2.num_params() < LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=4, heads=2)).num_params()
+    pooled = LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=2, heads=2, cross_attn_every=0, tag_pool=True)).eval()
+    assert all(b.cross is None for b in pooled.blocks)
+    x = torch.randn(1, 48, 4, 4)
+    with torch.no_grad():
+        for p in pooled.parameters():  # a "trained" model: nothing zero
+            if not p.any():
+                p.add_(0.1 * torch.randn_like(p))
+        assert not torch.allclose(pooled.velocity(x, 0.5, x, [["cat"]]), pooled.velocity(x, 0.5, x, [[]]))
+        pooled.tag_gate.zero_()  # the gate closes the only path the tags have
+        torch.testing.assert_close(pooled.velocity(x, 0.5, x, [["cat"]]), pooled.velocity(x, 0.5, x, [[]]))
+    with pytest.raises(ValueError, match=r"model.cross_attn_every = 0 leaves the tags no effect unless model.tag_pool"):
+        ModelConfig.preset("cpu_tiny", cross_attn_every=0)
