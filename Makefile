@@ -72,7 +72,7 @@ s3-up: setup  ## start a local S3 server (moto) on 127.0.0.1; then `. runs/s3/en
 s3-down:  ## stop the local S3 server started by s3-up
 	$(PY) -m linearsr.data.s3local down --state $(S3_STATE)
 
-bench-data: data  ## loader samples/s: local S3 server vs local disk, same shards, decode + degrade included
+bench-data: data  ## per core: batched vs per-sample degradation, Pillow vs libjpeg-turbo decode, base_x4 supply / demand, loader S3 vs disk
 	$(BIN)/linearsr bench data --shards $(DATA_DIR)/shards
 
 test-data: setup  ## the data tests only

@@ -10,7 +10,7 @@ import importlib
 
 BENCHES = {
     "attention": ("linearsr.model.bench", "linear vs softmax attention, fwd+bwd time vs tokens (CPU or GPU)"),
-    "data": ("linearsr.data.bench", "loader samples/s from the local S3 server vs local disk"),
+    "data": ("linearsr.data.bench", "degradation, decode and loader throughput per core, and base_x4 supply / demand"),
     "train": ("linearsr.trainer.bench", "Ray + DeepSpeed steps/s vs a plain torch loop"),
     "gpu": ("linearsr.model.kernels.bench_gpu", "fused/fla/torch/sdpa attention and model latency on a GPU"),
 }

@@ -1,6 +1,6 @@
 """LinearSR data: shard building, streaming from local folders / S3, HR -> LR degradation.
 
-    from linearsr.data import DataConfig, make_train_loader, make_val_loader, degrade
+    from linearsr.data import DataConfig, make_train_loader, make_val_loader, degrade_batch, finish_batch
 
 Names are imported lazily so `import linearsr.data.config` stays cheap."""
 
@@ -14,7 +14,10 @@ _EXPORTS = {
     "make_train_loader": "linearsr.data.loader",
     "make_val_loader": "linearsr.data.loader",
     "DataQualityError": "linearsr.data.loader",
-    "degrade": "linearsr.data.degrade",
+    "degrade": "linearsr.data.degradations",
+    "degrade_batch": "linearsr.data.degradations",
+    "degradation_tags": "linearsr.data.degradations",
+    "finish_batch": "linearsr.data.batches",
     "bicubic_down": "linearsr.data.degrade",
     "build_shards": "linearsr.data.shards",
     "read_manifest": "linearsr.data.shards",

@@ -20,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--max-side", type=int, default=None, help="down-scale images whose longest side is larger (stored as PNG)")
     b.add_argument("--tags", default=None, help="JSON file {image name: [tags]} (name = relative path, file name or stem)")
     b.add_argument("--seed", type=int, default=0, help="orders the samples inside the splits (not the split itself)")
+    b.add_argument("--lr", default=None, metavar="DIR",
+                   help="folder of real LR images named like the HR ones (any extension): stored as KEY.lr.png beside each HR")
+    b.add_argument("--scale", type=int, default=None, help="with --lr: the HR/LR scale every pair must have (default: the first pair's)")
+    b.add_argument("--allow-unpaired", action="store_true",
+                   help="with --lr: keep HR images without an LR partner (their LR is synthesised in training) instead of skipping them")
     b.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="print a shard root's manifest summary")
@@ -35,13 +40,17 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "build":
         m = build_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
                          max_side=args.max_side, tags=args.tags, seed=args.seed, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, lr=args.lr, scale=args.scale, allow_unpaired=args.allow_unpaired)
     else:
         m = read_manifest(args.root)
-    summary = {s: {k: v[k] for k in ("samples", "bytes")} | {"shards": len(v["shards"])} for s, v in m["splits"].items()}
+    summary = {s: {k: v.get(k, 0) for k in ("samples", "paired", "bytes")} | {"shards": len(v["shards"])}
+               for s, v in m["splits"].items()}
     print(json.dumps({"splits": summary, "tags": len(m["tags"]), "skipped": [x["source"] for x in m["skipped"]]}))
     for x in m["skipped"]:
         print(f"skipped {x['source']}: {x['error']}")
+    if m["settings"].get("lr_scale"):
+        print(f"real LR/HR pairs at x{m['settings']['lr_scale']}: {sum(v.get('paired', 0) for v in m['splits'].values())} "
+              f"of {sum(v['samples'] for v in m['splits'].values())} samples")
     return 0
 
 

@@ -1,183 +1,124 @@
 """Training and validation loaders over the shards of one shard root.
 
-    make_train_loader(cfg, rank, world_size, seed)  endless, resampled, shuffled, random crops
-    make_val_loader(cfg, rank, world_size)          finite, deterministic, each sample read once
+    make_train_loader(cfg, rank, world_size, seed, state=None)  endless, resampled, resumable
+    make_val_loader(cfg, rank, world_size)                       finite, deterministic, each sample once
 
-Batches: {"lr": [B, 3, c/s, c/s], "hr": [B, 3, c, c] float32 in [0, 1], "tags": list[list[str]],
-"key": list[str]}. Decoding, cropping and degradation run in the DataLoader workers.
+Each DataLoader worker runs a webdataset `DataPipeline`: samples (webdataset's tar iterator and
+key grouping, with the faults of linearsr.data.reader counted) -> decode (JPEG via libjpeg-turbo)
+-> crops -> batches. Train: `stream.TrainStream` (shards resampled from the full list, a resumable
+block shuffle); the batches carry HR + seeds to the device (data.degrade_on = "device", finished by
+`batches.finish_batch` in the trainer) or are finished in the worker ("loader"). Validation hands each
+(rank, worker) one contiguous run of the val samples in manifest order (every sample exactly once,
+balanced; webdataset's split_by_node / split_by_worker split whole shards, which is neither) and
+always finishes its batches in the worker, with seed = hash(val_seed, key): a sample's LR is the
+same every pass, for every rank layout and for either degrade_on.
 
-Splitting: train shards go to ranks like `wds.split_by_node` (shard i to rank i % world_size),
-then to workers like `wds.split_by_worker`; each worker resamples its own shards with replacement
-(seeded by (seed, rank, worker), so a resumed run with a new seed sees a new stream). With fewer
-shards than readers every reader resamples all shards. Validation hands each (rank, worker) one
-contiguous run of the val samples in manifest order: every sample exactly once, balanced.
+Faults are counted per worker; each batch carries its worker's counters back to the main process,
+where `.skips` sums them (a train worker whose shard draws give nothing readable raises itself). `DataQualityError` is raised when skipped / read passes
+`max_skip_fraction` once `skip_check_after` samples were read.
 
-Faults (see linearsr.data.reader) are counted per worker; each batch carries its worker's
-counters back to the main process, where `.skips` sums them. `DataQualityError` is raised when
-skipped / read passes `max_skip_fraction` once `skip_check_after` samples were read.
+Exact resume: `TrainLoader.state_dict()` is the position of this rank's stream as of the batches
+handed out (every worker's stream state and which worker's batch comes next; JSON, no image data).
+`make_train_loader(..., state=...)` with the same shards, rank, world size, workers, seed, batch
+size, shuffle buffer and crops per image continues the stream bit-identically (DataLoader workers
+deliver in strict round-robin order, so the resumed loader's worker 0 takes the place of the worker
+whose batch was next); anything else is refused with a ValueError.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-import numpy as np
-import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from linearsr.data import s3
+from linearsr.data.batches import Item, collate, crop_pair, finish_batch
 from linearsr.data.config import DataConfig
-from linearsr.data.degrade import degrade
 from linearsr.data.reader import Stats, decode, read_shard
 from linearsr.data.shards import read_manifest, shard_list, stable_hash
+from linearsr.data.stream import DataQualityError, TrainStream
 
-log = logging.getLogger(__name__)
-
-
-class DataQualityError(ValueError):
-    """Too many samples were skipped: the data (or the storage) is broken, training would be biased."""
+STATE_FORMAT = "linearsr-loader/1"
+__all__ = ["DataQualityError", "TrainLoader", "ValLoader", "make_train_loader", "make_val_loader"]
 
 
-def crop_array(arr: np.ndarray, size: int, rng: random.Random | None) -> np.ndarray:
-    """A size x size crop of arr [H, W, 3] (a copy, so it does not pin the whole image): random if
-    rng is given, else centred. Images smaller than the crop are mirror-padded first."""
-    h, w = arr.shape[:2]
-    ph, pw = max(0, size - h), max(0, size - w)
-    if ph or pw:
-        arr = np.pad(arr, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="symmetric")
-        h, w = arr.shape[:2]
-    y = rng.randrange(h - size + 1) if rng else (h - size) // 2
-    x = rng.randrange(w - size + 1) if rng else (w - size) // 2
-    return arr[y:y + size, x:x + size].copy()
+def _batched(cfg: DataConfig, stats: Stats, size: int, finish: bool, partial: bool):
+    """A pipeline stage: (item, state) -> batches, each with the counters and the stream state after it.
+    Only batches travel (no stats-only items between them): DataLoader workers take turns item by
+    item, and an extra item would change whose batch comes next after a resume."""
+    def stage(source):
+        items: list[Item] = []
+        state = None
+        for item, state in source:
+            items.append(item)
+            if len(items) == size:
+                yield _emit(items, state)
+                items = []
+        if items and partial:
+            yield _emit(items, state)
 
-
-def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """[H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _batch(items: list[tuple], stats: Stats) -> dict:
-    hr, lr, tags, keys = zip(*items)
-    return {"lr": torch.stack(lr), "hr": torch.stack(hr), "tags": list(tags), "key": list(keys), "_stats": stats.snapshot()}
+    def _emit(items, state):
+        batch = collate(items, cfg.scale)
+        stats.samples += len(items)
+        stats.paired += int(batch["real_lr"].sum())
+        if finish:
+            batch = finish_batch(batch, cfg)
+        return {**batch, "_stats": stats.snapshot(), "_state": state}
+    return stage
 
 
 class ShardStream(IterableDataset):
-    """The per-worker sample pipeline; yields collated batches (plus stats-only heartbeats)."""
+    """The per-worker pipeline; yields collated batches (a finite stream ends with a stats-only item)."""
 
-    def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], split: str, rank: int, world_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], split: str, rank: int, world_size: int,
+                 seed: int, start: dict | None = None):
         self.cfg, self.shards, self.split = cfg, shards, split
         self.rank, self.world_size, self.seed = rank, world_size, seed
-
-    def _read(self, url: str, expected: int, stats: Stats, window=None, opener=None):
-        return read_shard(url, expected, stats, window, self.cfg.s3_endpoint, self.cfg.retries, opener)
+        self.start = start or {"next_worker": 0, "workers": {}}
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        stats = Stats(wid)
-        items = self._train(stats, wid, nw) if self.split == "train" else self._val(stats, wid, nw)
-        yield from items
-        yield {"_stats": stats.snapshot()}
+        if self.split == "train":
+            worker = (wid + self.start["next_worker"]) % nw  # the logical worker (see the module doc)
+            stats = Stats(worker)
+            stream = TrainStream(self.cfg, self.shards, self.seed, self.rank, worker, stats,
+                                 self.start["workers"].get(str(worker)))
+            pipeline = wds.DataPipeline(stream.items, _batched(self.cfg, stats, self.cfg.batch_size,
+                                                               self.cfg.degrade_on == "loader", partial=False))
+        else:
+            stats = Stats(wid)
+            pipeline = wds.DataPipeline(lambda: self._val_items(stats, wid, nw),
+                                        _batched(self.cfg, stats, self.cfg.val_batch_size or self.cfg.batch_size,
+                                                 finish=True, partial=True))
+        for batch in pipeline:
+            batch["_worker"] = stats.worker
+            yield batch
+        yield {"_stats": stats.snapshot(), "_worker": stats.worker}
 
-    # ----------------------------------------------------------------- training
-
-    def _train_crops(self, stats: Stats, rng: random.Random, shards: list[tuple[str, int]]) -> Iterator:
-        cfg, tried, reads = self.cfg, set(), 0
-        # the next shard is opened (and, on S3, starts downloading) while this one is decoded
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-open")
-        def open_next():
-            url, expected = rng.choice(shards)
-            return url, expected, pool.submit(s3.open_url, url, cfg.s3_endpoint, cfg.retries)
-
-        nxt = open_next()
-        try:
-            while True:
-                (url, expected, future), nxt = nxt, open_next()
-                got = 0
-                for sample in self._read(url, expected, stats, opener=future.result):
-                    decoded = decode(sample, stats, cfg.max_tags)
-                    if decoded is not None:
-                        got += 1
-                        for _ in range(cfg.crops_per_image):
-                            yield crop_array(decoded[0], cfg.crop, rng), decoded[1], sample["__key__"]
-                if not got:
-                    yield None  # nothing usable in this shard: let the main process see the skips
-                tried.add(url)
-                reads += 1
-                if stats.decoded == 0 and len(tried) == len(shards) and reads >= 3 * len(shards):
-                    raise DataQualityError(f"none of the {len(shards)} train shards of worker {stats.worker} (rank "
-                                           f"{self.rank}) under {cfg.shards} gave a readable sample; check the shards and the storage")
-        finally:
-            future = nxt[2]
-            if not future.cancel() and future.exception() is None:
-                future.result().close()
-            pool.shutdown(wait=False)
-
-    def _train(self, stats: Stats, wid: int, nw: int) -> Iterator[dict]:
-        cfg = self.cfg
-        by_rank = self.shards[self.rank::self.world_size] or self.shards
-        mine = by_rank[wid::nw] or by_rank
-        rng = random.Random(stable_hash("train", self.seed, self.rank, wid))
-        buffer: list = []
-        batch: list = []
-        for item in self._train_crops(stats, rng, mine):
-            if item is None:
-                yield {"_stats": stats.snapshot()}
-                continue
-            buffer.append(item)
-            # the buffer grows by one per emitted crop up to shuffle_buffer (as wds.shuffle does),
-            # so the first batch does not wait for a full buffer of decoded photos
-            if len(buffer) <= min(cfg.shuffle_buffer, cfg.batch_size + stats.samples):
-                continue
-            j = rng.randrange(len(buffer))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            arr, tags, key = buffer.pop()
-            if cfg.augment:
-                arr = np.rot90(arr[:, ::-1] if rng.random() < 0.5 else arr, k=rng.randrange(4))
-            hr = to_tensor(arr)
-            g = torch.Generator().manual_seed(rng.getrandbits(63))
-            batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, generator=g), tags, key))
-            stats.samples += 1
-            if len(batch) == cfg.batch_size:
-                yield _batch(batch, stats)
-                batch = []
-
-    # ----------------------------------------------------------------- validation
-
-    def _val_window(self, wid: int, nw: int) -> tuple[int, int]:
+    def val_window(self, wid: int, nw: int) -> tuple[int, int]:
         total = sum(n for _, n in self.shards)
         if self.cfg.val_max_samples is not None:
             total = min(total, self.cfg.val_max_samples)
         k, parts = self.rank * nw + wid, self.world_size * nw
         return total * k // parts, total * (k + 1) // parts
 
-    def _val(self, stats: Stats, wid: int, nw: int) -> Iterator[dict]:
+    def _val_items(self, stats: Stats, wid: int, nw: int) -> Iterator[tuple[Item, None]]:
         cfg = self.cfg
-        lo, hi = self._val_window(wid, nw)
-        batch: list = []
+        lo, hi = self.val_window(wid, nw)
         offset = 0
         for url, expected in self.shards:
             a, b = max(lo - offset, 0), min(hi - offset, expected)
             offset += expected
             if a >= b:
                 continue
-            for sample in self._read(url, expected, stats, (a, b)):
-                decoded = decode(sample, stats, cfg.max_tags)
+            for sample in read_shard(url, expected, stats, (a, b), cfg.s3_endpoint, cfg.retries):
+                decoded = decode(sample, stats, cfg.max_tags, cfg.scale)
                 if decoded is None:
                     continue
                 key = sample["__key__"]
-                hr = to_tensor(crop_array(decoded[0], cfg.val_crop, None))
-                seed = stable_hash("val", cfg.val_seed, key) >> 1
-                batch.append((hr, degrade(hr, cfg.degradation, cfg.scale, seed=seed), decoded[1], key))
-                stats.samples += 1
-                if len(batch) == (cfg.val_batch_size or cfg.batch_size):
-                    yield _batch(batch, stats)
-                    batch = []
-        if batch:
-            yield _batch(batch, stats)
+                hr, lr = crop_pair(decoded.hr, decoded.lr, cfg.val_crop, cfg.scale, None)
+                yield Item(hr, lr, decoded.tags, key, stable_hash("val", cfg.val_seed, key) >> 1), None
 
 
 class _Accounting:
@@ -187,7 +128,7 @@ class _Accounting:
     def __init__(self, cfg: DataConfig, what: str):
         self.cfg, self.what = cfg, what
         self.done_skips: dict[str, int] = {}
-        self.done_read = self.done_retries = 0
+        self.done_read = self.done_retries = self.done_paired = 0
         self.live: dict[int, dict] = {}
 
     def update(self, snap: dict) -> None:
@@ -199,6 +140,7 @@ class _Accounting:
                 self.done_skips[r] = self.done_skips.get(r, 0) + n
             self.done_read += snap["decoded"] + sum(snap["skips"].values())
             self.done_retries += snap["retries"]
+            self.done_paired += snap["paired"]
         self.live = {}
 
     @property
@@ -217,6 +159,10 @@ class _Accounting:
     @property
     def retries(self) -> int:
         return self.done_retries + sum(s["retries"] for s in self.live.values())
+
+    @property
+    def paired(self) -> int:
+        return self.done_paired + sum(s["paired"] for s in self.live.values())
 
     def check(self) -> None:
         skips, read = self.skips, self.read
@@ -247,20 +193,27 @@ class _Loader:
         """S3 request retries so far, summed over workers."""
         return self.accounting.retries
 
-    def _batches(self) -> Iterator[dict]:
+    @property
+    def paired(self) -> int:
+        """Samples delivered with a real LR (paired shards) instead of a synthetic one."""
+        return self.accounting.paired
+
+    def _items(self) -> Iterator[dict]:
         for item in self.dataloader:
             self.accounting.update(item.pop("_stats"))
             self.accounting.check()
-            if "lr" in item:
-                self.samples += len(item["key"])
-                yield item
+            yield item
 
 
 class TrainLoader(_Loader):
     """An endless iterator of training batches (iterating twice continues the same stream)."""
 
-    def __init__(self, cfg: DataConfig, dataset: ShardStream):
+    def __init__(self, cfg: DataConfig, dataset: ShardStream, identity: dict):
         super().__init__(cfg, dataset, "training", persistent=False)
+        self.identity = identity
+        self.num_workers = max(1, cfg.num_workers)
+        self.next_worker = dataset.start["next_worker"]
+        self.workers = dict(dataset.start["workers"])
         self._it: Iterator[dict] | None = None
 
     def __iter__(self):
@@ -268,8 +221,21 @@ class TrainLoader(_Loader):
 
     def __next__(self) -> dict:
         if self._it is None:
-            self._it = self._batches()
-        return next(self._it)
+            self._it = self._items()
+        while True:
+            item = next(self._it)
+            worker = item.pop("_worker")
+            state = item.pop("_state", None)
+            if state is not None:  # the final stats-only item of a stream that ended has none
+                self.workers[str(worker)] = state
+                self.next_worker = (worker + 1) % self.num_workers
+            if "hr" in item:
+                self.samples += len(item["key"])
+                return item
+
+    def state_dict(self) -> dict:
+        """The position of this rank's stream as of the batches handed out (JSON-serialisable)."""
+        return {**self.identity, "next_worker": self.next_worker, "workers": dict(self.workers), "samples": self.samples}
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -284,12 +250,17 @@ class ValLoader(_Loader):
     def __init__(self, cfg: DataConfig, dataset: ShardStream):
         super().__init__(cfg, dataset, "validation", persistent=cfg.num_workers > 0)
         nw = max(1, cfg.num_workers)
-        self.num_samples = sum(hi - lo for lo, hi in (dataset._val_window(w, nw) for w in range(nw)))
+        self.num_samples = sum(hi - lo for lo, hi in (dataset.val_window(w, nw) for w in range(nw)))
 
     def __iter__(self) -> Iterator[dict]:
         self.accounting.end_pass()
         try:
-            yield from self._batches()
+            for item in self._items():
+                item.pop("_worker")
+                item.pop("_state", None)
+                if "hr" in item:
+                    self.samples += len(item["key"])
+                    yield item
         finally:
             self.accounting.end_pass()
 
@@ -300,6 +271,10 @@ def _shards(cfg: DataConfig, split: str) -> list[tuple[str, int]]:
     if not shards:
         raise ValueError(f"shard root {cfg.shards} has no {split} shards; rebuild with "
                          f"{'a larger --val-fraction' if split == 'val' else 'more images'}")
+    pair_scale = manifest["settings"].get("lr_scale")
+    if pair_scale is not None and pair_scale != cfg.scale:
+        raise ValueError(f"shard root {cfg.shards} holds real LR/HR pairs at x{pair_scale}, but data.scale={cfg.scale}; "
+                         f"set data.scale={pair_scale} or build shards without --lr")
     return shards
 
 
@@ -308,16 +283,37 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}")
 
 
-def make_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0) -> TrainLoader:
-    """Endless training batches for one rank; `.skips`, `.samples`, `.retries` for metrics."""
+def _identity(cfg: DataConfig, shards: list[tuple[str, int]], rank: int, world_size: int, seed: int) -> dict:
+    """What a loader state is only valid for."""
+    return {"format": STATE_FORMAT, "shards": f"{stable_hash(*shards):016x}", "rank": rank, "world_size": world_size,
+            "num_workers": max(1, cfg.num_workers), "seed": seed, "batch_size": cfg.batch_size,
+            "shuffle_buffer": cfg.shuffle_buffer, "crops_per_image": cfg.crops_per_image}
+
+
+def _check_state(state: dict, identity: dict) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"the saved loader state is not a {STATE_FORMAT} state; it cannot continue this stream")
+    differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in identity.items() if state.get(k) != v]
+    if differ:
+        raise ValueError(f"the saved loader state was made with {', '.join(differ)}, so it cannot continue this stream")
+
+
+def make_train_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      state: dict | None = None) -> TrainLoader:
+    """Endless training batches for one rank; `.skips`, `.samples`, `.retries`, `.paired` for metrics.
+    `state` (a `state_dict()` of a loader of the same shards, rank, world size, workers and seed)
+    continues that loader's stream exactly; another is refused with a ValueError."""
     _check_rank(rank, world_size)
     shards = _shards(cfg, "train")
-    readers = world_size * max(1, cfg.num_workers)
-    if len(shards) < readers:
-        log.warning("only %d train shards for %d ranks x %d workers: readers share shards (resampled, so no "
-                    "sample is favoured); build smaller shards for disjoint reads", len(shards), world_size,
-                    max(1, cfg.num_workers))
-    return TrainLoader(cfg, ShardStream(cfg, shards, "train", rank, world_size, seed))
+    identity = _identity(cfg, shards, rank, world_size, seed)
+    start = None
+    if state is not None:
+        _check_state(state, identity)
+        start = {"next_worker": int(state["next_worker"]), "workers": dict(state["workers"])}
+    loader = TrainLoader(cfg, ShardStream(cfg, shards, "train", rank, world_size, seed, start), identity)
+    if state is not None:
+        loader.samples = int(state.get("samples", 0))
+    return loader
 
 
 def make_val_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> ValLoader:

@@ -4,6 +4,7 @@ Layout under the shard root (a local folder or any fsspec URL, e.g. s3://bucket/
 
     manifest.json             written LAST: shards, sample counts, bytes, sha256, tag counts
     train/shard-000000.tar    samples KEY.jpg|KEY.png (the HR bytes) + KEY.json (source, size, tags)
+                              [+ KEY.lr.png: a real LR capture of the same scene, from --lr]
     val/shard-000000.tar
 
 The manifest is the only entry point readers trust: it lets the loader notice a shard that
@@ -28,6 +29,7 @@ import tempfile
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from linearsr.data import pairs
 from linearsr.data.s3 import filesystem, with_retries
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ class _ShardWriter:
         self.dest, self.split, self.per_shard, self.workdir = dest, split, samples_per_shard, workdir
         self.shards: list[dict] = []
         self.tar = None
-        self.count = 0
+        self.count = self.paired = 0
 
     def _open(self) -> None:
         rel = f"{self.split}/shard-{len(self.shards):06d}.tar"
@@ -231,17 +233,20 @@ class _ShardWriter:
         fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=folder)
         self.file = os.fdopen(fd, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
-        self.rel, self.count = rel, 0
+        self.rel, self.count, self.paired = rel, 0, 0
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
         self.tar.addfile(info, io.BytesIO(data))
 
-    def add(self, key: str, ext: str, image: bytes, meta: dict) -> None:
+    def add(self, key: str, ext: str, image: bytes, meta: dict, lr_png: bytes | None = None) -> None:
         if self.tar is None:
             self._open()
         self._add(f"{key}.{ext}", image)
+        if lr_png is not None:
+            self._add(f"{key}.lr.png", lr_png)
+            self.paired += 1
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self.count += 1
         if self.count >= self.per_shard:
@@ -260,18 +265,39 @@ class _ShardWriter:
         self.dest.put_file(self.tmp, self.rel)
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
-        self.shards.append({"path": self.rel, "samples": self.count, "bytes": size, "sha256": sha.hexdigest()})
+        self.shards.append({"path": self.rel, "samples": self.count, "paired": self.paired, "bytes": size,
+                            "sha256": sha.hexdigest()})
         self.tar = None
+
+
+def _lr_png(lr_fs, url: str, hr_size: tuple[int, int], scale: int | None) -> tuple[bytes, int]:
+    """(PNG bytes, scale) of the LR partner of HR `rel`; ValueError naming the file for a bad pair."""
+    raw = with_retries(lambda: lr_fs.cat_file(url), f"read {url}")
+    data, ext, size = prepare_image(raw, None)
+    s = pairs.scale_of(hr_size, size, scale)
+    if ext != "png":
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+        data = buf.getvalue()
+    return data, s
 
 
 def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction: float = 0.1,
                  max_side: int | None = None, tags: str | dict | None = None, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True, lr: str | None = None, scale: int | None = None,
+                 allow_unpaired: bool = False) -> dict:
     """Build train/val shards of the images under `src` into `dest`; returns the manifest.
 
     The val split is chosen by a hash of each sample's key (the same image is always in the same
     split); `seed` only orders samples inside the splits. Unreadable images are skipped and listed
-    in the manifest under "skipped"."""
+    in the manifest under "skipped". With `lr`, each HR image is stored with its real LR partner
+    (same name up to the extension, `pairs.match`) as KEY.lr.png; every pair must have the same
+    integer scale (`scale`, else the first pair's); bad pairs are skipped, warned and listed under
+    "skipped", and with `allow_unpaired` an HR without a partner is kept as an HR-only sample."""
+    if lr is not None and max_side is not None:
+        raise ValueError("--max-side cannot be combined with --lr: resizing the HR images would break their pairs")
+    if scale is not None and scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {scale}")
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= val_fraction < 1.0:
@@ -295,6 +321,11 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
         first = min(range(len(plan)), key=lambda i: stable_hash("val", plan[i][2]))
         plan[first] = plan[first][:3] + (True,)  # a val set of at least one image
     plan.sort(key=lambda p: stable_hash(seed, p[2]))
+    partners, skipped = pairs.match(sources, list_sources(lr), lr, allow_unpaired) if lr else ({}, [])
+    for bad in skipped:
+        log.warning("skipping %s: %s", bad["source"], bad["error"])
+    bad_hr = {b["source"] for b in skipped}
+    plan = [p for p in plan if p[1] not in bad_hr]
 
     out = _Destination(dest)
     existing = out.shard_files()
@@ -304,15 +335,19 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
         out.remove(MANIFEST)  # from here until the new manifest exists, nothing under dest is readable
 
     used: set[str] = set()
-    skipped, tag_counts = [], {}
+    tag_counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="linearsr-shards-") as workdir:
         writers = {s: _ShardWriter(out, s, samples_per_shard, workdir) for s in SPLITS}
         src_fs, _ = filesystem(src)
+        lr_fs = filesystem(lr)[0] if lr else None
         for url, rel, key, is_val in tqdm(plan, desc="shards", unit="img", disable=not progress):
             try:
                 raw = with_retries(lambda: src_fs.cat_file(url), f"read {url}")
                 image, ext, (w, h) = prepare_image(raw, max_side)
-            except Exception as e:  # any undecodable / unreadable source is listed, not fatal
+                lr_png = None
+                if rel in partners:
+                    lr_png, scale = _lr_png(lr_fs, partners[rel], (w, h), scale)
+            except Exception as e:  # any undecodable / unreadable source or bad pair is listed, not fatal
                 log.warning("skipping %s: %s", rel, describe(e))
                 skipped.append({"source": rel, "error": describe(e)})
                 continue
@@ -320,22 +355,23 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
             for t in sample_tags:
                 tag_counts[t] = tag_counts.get(t, 0) + 1
             meta = {"source": rel, "width": w, "height": h, "tags": sample_tags}
-            writers["val" if is_val else "train"].add(key, ext, image, meta)
+            writers["val" if is_val else "train"].add(key, ext, image, meta, lr_png)
         for w in writers.values():
             w.close()
 
     unused = sorted(set(tag_map) - used)
     if unused:
         log.warning("%d entries of the tags file matched no image, e.g. %s", len(unused), ", ".join(unused[:5]))
-    splits = {s: {"samples": sum(x["samples"] for x in w.shards), "bytes": sum(x["bytes"] for x in w.shards),
-                  "shards": w.shards} for s, w in writers.items()}
+    splits = {s: {"samples": sum(x["samples"] for x in w.shards), "paired": sum(x["paired"] for x in w.shards),
+                  "bytes": sum(x["bytes"] for x in w.shards), "shards": w.shards} for s, w in writers.items()}
     if splits["train"]["samples"] == 0:
         raise ValueError(f"no readable images under {src} went to the train split ({len(skipped)} skipped)")
     manifest = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": src,
-        "settings": {"samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "max_side": max_side, "seed": seed},
+        "settings": {"samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "max_side": max_side, "seed": seed,
+                     "lr": lr, "lr_scale": scale if lr else None},
         "splits": splits,
         "tags": dict(sorted(tag_counts.items())),
         "skipped": skipped,
@@ -345,8 +381,9 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
     for rel in existing:
         if rel not in listed:
             out.remove(rel)
-    log.info("wrote %d train + %d val samples in %d shards to %s (%d skipped)", splits["train"]["samples"],
-             splits["val"]["samples"], len(listed), dest, len(skipped))
+    log.info("wrote %d train + %d val samples (%d with a real LR) in %d shards to %s (%d skipped)",
+             splits["train"]["samples"], splits["val"]["samples"], splits["train"]["paired"] + splits["val"]["paired"],
+             len(listed), dest, len(skipped))
     return manifest
 
 

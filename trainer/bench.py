@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plain_loop(cfg, steps: int) -> tuple[float, float]:
     """(steps/s, data-wait fraction) of a single-process torch loop after 5 warm-up steps."""
+    from linearsr.data.batches import finish_batch
     from linearsr.data.loader import make_train_loader
     from linearsr.model.network import LinearSR
 
@@ -45,7 +46,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, float]:
             if i == 5:
                 t0, wait = time.perf_counter(), 0.0
             w0 = time.perf_counter()
-            batch = next(it)
+            batch = finish_batch(next(it), cfg.data)  # the LR, where data.degrade_on = "device"
             wait += time.perf_counter() - w0
             t = cfg.flow.sample_t(batch["hr"].shape[0], generator=gen)
             loss = model.loss(batch["hr"], batch["lr"], batch["tags"], t).mean()

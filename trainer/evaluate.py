@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from linearsr.data.config import DegradationConfig
-from linearsr.data.degrade import bicubic_down, degrade, modcrop
+from linearsr.data.degrade import bicubic_down, modcrop
+from linearsr.data.degradations import degrade
 from linearsr.model.bundle import load_bundle
+from linearsr.model.imageio import save_png
 from linearsr.model.sampler import MoE, sample
 from linearsr.trainer.quality import LPIPS, lpips_weights_path, psnr_y, ssim_y
 from linearsr.trainer.rundir import write_json, write_text_atomic
@@ -70,6 +72,48 @@ def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str
     if not out:
         raise ValueError(f"no readable image in {folder}")
     return out
+
+
+def _image(path: Path) -> torch.Tensor:
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def load_lr_images(lr_dir: str, hr_dir: str | None, scale: int, max_images: int | None = None
+                   ) -> tuple[list[tuple[str, torch.Tensor | None, torch.Tensor]], list[dict]]:
+    """(stem, HR or None, real LR) of an LR folder, paired by name with the HR folder when one is
+    given, and the bad pairs [{"source", "error"}] (each warned and reported: none dropped silently)."""
+    from linearsr.data import pairs
+
+    def listing(folder: str) -> list[Path]:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    lrs = listing(lr_dir)
+    if not lrs:
+        raise ValueError(f"LR folder {lr_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if hr_dir is None:
+        return [(p.stem, None, _image(p)) for p in lrs[:max_images]], []
+    hrs = listing(hr_dir)
+    partners, bad = pairs.match([(str(p), p.name) for p in hrs], [(str(p), p.name) for p in lrs], lr_dir)
+    out = []
+    for p in hrs:
+        if p.name in partners and len(out) != max_images:
+            hr, lr = _image(p), _image(Path(partners[p.name]))
+            try:
+                if pairs.scale_of((hr.shape[2], hr.shape[1]), (lr.shape[2], lr.shape[1]), None) != scale:
+                    raise ValueError(f"HR {hr.shape[2]}x{hr.shape[1]} / LR {lr.shape[2]}x{lr.shape[1]} is not "
+                                     f"the bundle's x{scale}")
+            except ValueError as e:
+                bad.append({"source": p.name, "error": str(e)})
+                continue
+            out.append((p.stem, hr, lr))
+    for b in bad:
+        log.warning("skipping %s: %s", b["source"], b["error"])
+    if not out:
+        raise ValueError(f"no usable LR/HR pair in {lr_dir} and {hr_dir} ({len(bad)} bad pairs, listed above)")
+    return out, bad
 
 
 def make_lr(hr: torch.Tensor, scale: int, mode: str, seed: int) -> torch.Tensor:
@@ -129,9 +173,11 @@ def evaluate(
     max_images: int | None = None,
     max_tags: int = 4,
     tb: bool = True,
+    lr_dir: str | None = None,
     ablation_guidance: float = 3.0,
 ) -> dict:
-    """Run the evaluation and write metrics.json, report.md and crops; returns the metrics dict."""
+    """Run the evaluation and write metrics.json, report.md and crops; returns the metrics dict.
+    With `lr_dir` the LR images are real ones from that folder, paired with `hr_dir` by name."""
     if degradation not in ("bicubic", "realistic"):
         raise ValueError(f"--degradation must be bicubic or realistic, got {degradation!r}")
     if steps < 2:
@@ -162,15 +208,18 @@ def evaluate(
 
     out = Path(out_dir)
     (out / "crops").mkdir(parents=True, exist_ok=True)
-    images = load_hr_images(hr_dir, max_images)
+    if lr_dir is not None:  # real LR/HR pairs
+        images, bad_pairs = load_lr_images(lr_dir, hr_dir, scale, max_images)
+        degradation = "real"
+    else:
+        images, bad_pairs = [(stem, modcrop(hr, scale), None) for stem, hr in load_hr_images(hr_dir, max_images)], []
     per_image: dict[str, dict[str, dict]] = {}
     grids = []
-    image_tags = [tagger.predict(make_lr(modcrop(hr, scale), scale, degradation, seed + i)[None], max_tags=max_tags)[0]
-                  if tagger is not None else [] for i, (_, hr) in enumerate(images)]
-    for idx, (stem, hr) in enumerate(images):
-        hr = modcrop(hr, scale)
-        lr = make_lr(hr, scale, degradation, seed + idx)
-        tags = image_tags[idx]
+    lrs = [real_lr if real_lr is not None else make_lr(hr, scale, degradation, seed + idx)
+           for idx, (_, hr, real_lr) in enumerate(images)]
+    image_tags = [tagger.predict(lr[None], max_tags=max_tags)[0] if tagger is not None else [] for lr in lrs]
+    for idx, (stem, hr, _) in enumerate(images):
+        lr, tags = lrs[idx], image_tags[idx]
         wrong = _wrong_tags(image_tags, idx, tagger, max_tags)
         results = {BICUBIC: {**_measure(bicubic_up(lr, scale), hr, scale, lpips), "seconds": 0.0, "nfe": 0}}
         outputs = {BICUBIC: bicubic_up(lr, scale)}
@@ -196,6 +245,7 @@ def evaluate(
     metrics = {
         "bundle": bundle, "hr_dir": hr_dir, "degradation": degradation, "scale": scale, "steps": steps,
         "guidance": guidance, "seed": seed, "num_images": len(images), "lpips_note": lpips_note,
+        "lr_dir": lr_dir, "bad_pairs": bad_pairs,
         "summary": summary, "per_image": per_image, "checks": _quality_checks(summary, variants),
     }
     write_json(str(out / "metrics.json"), metrics)
@@ -242,6 +292,9 @@ def render_report(metrics: dict, variants: list[Variant]) -> str:
     ]
     if metrics["lpips_note"]:
         lines.append(f"- {metrics['lpips_note']}")
+    if metrics["bad_pairs"]:
+        lines.append(f"- {len(metrics['bad_pairs'])} bad LR/HR pairs skipped: "
+                     + "; ".join(f"{b['source']} ({b['error']})" for b in metrics["bad_pairs"]))
     lines += ["", "| variant | PSNR-Y (dB) | Δ vs bicubic | SSIM-Y | LPIPS ↓ | NFE | s / image |", "|---|---|---|---|---|---|---|"]
     for name in [BICUBIC] + [v.name for v in variants]:
         r = s[name]
@@ -264,6 +317,39 @@ def render_report(metrics: dict, variants: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def upscale_only(bundle: str, lr_dir: str, out_dir: str, steps: int = 10, guidance: float = 1.0, seed: int = 0,
+                 max_images: int | None = None, max_tags: int = 4) -> dict:
+    """An LR-only folder (real captures, no reference): OUT/sr/<image>.1nfe.png and .<N>step.png,
+    and the seconds per image in metrics.json / report.md; no quality metrics."""
+    if steps < 2:
+        raise ValueError(f"--steps is the multi-step setting and must be >= 2 (1-NFE is always run), got {steps}")
+    model = load_bundle(bundle)
+    images, _ = load_lr_images(lr_dir, None, model.scale, max_images)
+    out = Path(out_dir)
+    per_image = {}
+    for idx, (stem, _, lr) in enumerate(images):
+        tags = model.tagger.predict(lr[None], max_tags=max_tags)[0] if model.tagger is not None else []
+        row = {"_tags": tags, "size": [lr.shape[2], lr.shape[1]]}
+        for name, n in (("1nfe", 1), (f"{steps}step", steps)):
+            start = time.perf_counter()
+            res = sample(model, lr[None], [tags], steps=n, guidance=guidance, seed=seed + idx)
+            row[name] = {"seconds": time.perf_counter() - start, "nfe": res.nfe}
+            save_png(out / "sr" / f"{stem}.{name}.png", res.image[0])
+        per_image[stem] = row
+    summary = {name: {k: _mean([r[name] for r in per_image.values()], k) for k in ("seconds", "nfe")}
+               for name in ("1nfe", f"{steps}step")}
+    metrics = {"bundle": bundle, "lr_dir": lr_dir, "scale": model.scale, "steps": steps, "guidance": guidance,
+               "seed": seed, "num_images": len(images), "summary": summary, "per_image": per_image}
+    write_json(str(out / "metrics.json"), metrics)
+    lines = ["# LinearSR on LR-only images", "", f"- bundle: `{bundle}`",
+             f"- {len(images)} images from `{lr_dir}`, x{model.scale}; no HR reference, so no quality metrics",
+             f"- outputs: `sr/<image>.1nfe.png`, `sr/<image>.{steps}step.png`; seconds on this machine ({os.cpu_count()} CPUs)",
+             "", "| variant | NFE | s / image |", "|---|---|---|"]
+    lines += [f"| {name} | {r['nfe']:.0f} | {r['seconds']:.2f} |" for name, r in summary.items()]
+    write_text_atomic(str(out / "report.md"), "\n".join(lines) + "\n")
+    return metrics
+
+
 def _log_tensorboard(tb_dir: Path, grids: list[tuple[str, np.ndarray]], summary: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -279,7 +365,9 @@ def _log_tensorboard(tb_dir: Path, grids: list[tuple[str, np.ndarray]], summary:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle folder (manifest.json) or an expert .safetensors")
-    parser.add_argument("--hr", required=True, help="folder of HR photos (e.g. runs/data/devset)")
+    parser.add_argument("--hr", default=None, help="folder of HR photos (e.g. runs/data/devset)")
+    parser.add_argument("--lr", default=None, help="folder of real LR images: with --hr, paired by name "
+                        "(metrics against the HR); alone, LR-only (outputs and timing, no metrics)")
     parser.add_argument("--out", required=True, help="output folder for report.md, metrics.json, crops/")
     parser.add_argument("--degradation", default="bicubic", choices=["bicubic", "realistic"])
     parser.add_argument("--steps", type=int, default=10, help="the multi-step setting (1-NFE is always measured)")
@@ -302,8 +390,16 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--compare {item!r} is not NAME=BUNDLE (e.g. knee=runs/demo/knee)")
         compare[name] = path
+    if args.hr is None and args.lr is None:
+        raise ValueError("give --hr HR_DIR (synthetic LR), --hr with --lr LR_DIR (real pairs) or --lr alone (LR-only)")
+    if args.hr is None:
+        metrics = upscale_only(args.bundle, args.lr, args.out, args.steps, args.guidance, args.seed, args.max_images)
+        print(f"upscaled {metrics['num_images']} LR images: {os.path.join(args.out, 'sr')}")
+        print(f"report: {os.path.join(args.out, 'report.md')}")
+        return 0
     metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
-                       args.seed, args.max_images, tb=not args.no_tb, ablation_guidance=args.ablation_guidance)
+                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr,
+                       ablation_guidance=args.ablation_guidance)
     base, one = metrics["summary"][BICUBIC], metrics["summary"]["LinearSR 1-NFE"]
     print(f"bicubic {base['psnr_y']:.2f} dB, LinearSR 1-NFE {one['psnr_y']:.2f} dB "
           f"({one['psnr_y'] - base['psnr_y']:+.2f}) on {metrics['num_images']} images")

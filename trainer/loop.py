@@ -195,12 +195,15 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step (grad_accum micro-batches). Returns (mean loss, data wait seconds)."""
+        from linearsr.data.batches import finish_batch
+
         cfg, engine = self.cfg, self.engine
         losses, wait = [], 0.0
         for _ in range(cfg.optim.grad_accum):
             batch, w = self._next_batch()
             wait += w
-            hr, lr = batch["hr"].to(self.device), batch["lr"].to(self.device)
+            batch = finish_batch(batch, cfg.data, self.device)  # data.degrade_on = "device": the LR is made here
+            hr, lr = batch["hr"], batch["lr"]
             t = cfg.flow.sample_t(hr.shape[0], self.interval or FULL_RANGE, generator=self.gen)
             self.t_seen[0] = min(self.t_seen[0], float(t.min()))
             self.t_seen[1] = max(self.t_seen[1], float(t.max()))

@@ -12,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from linearsr.data.batches import crop_pair, finish_batch, to_tensor
 from linearsr.data.config import DataConfig, DegradationConfig
-from linearsr.data.loader import DataQualityError, crop_array, make_train_loader, make_val_loader, to_tensor
+from linearsr.data.loader import DataQualityError, make_train_loader, make_val_loader
 from linearsr.data.reader import iter_samples
 
 
 def _cfg(root: str, **kw) -> DataConfig:
     base = dict(shards=root, crop=32, scale=4, batch_size=4, num_workers=0, shuffle_buffer=8, val_crop=32,
-                degradation=DegradationConfig(second_order_prob=1.0))
+                degradation=DegradationConfig())
     return DataConfig(**{**base, **kw})
 
 
@@ -46,8 +47,16 @@ def shards_copy(tiny_shards, tmp_path) -> str:
     return str(shutil.copytree(tiny_shards, tmp_path / "shards"))
 
 
-def test_train_batches_follow_the_contract(tiny_shards):
-    loader = make_train_loader(_cfg(tiny_shards, num_workers=2), rank=0, world_size=1, seed=0)
+def _first(cfg: DataConfig, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[dict]:
+    loader = make_train_loader(cfg, rank, world, seed)
+    try:
+        return [next(loader) for _ in range(n)]
+    finally:
+        loader.close()
+
+
+def test_train_batches_follow_the_contract_and_both_degrade_ons_agree(tiny_shards):
+    loader = make_train_loader(_cfg(tiny_shards, num_workers=2, degrade_on="loader"), rank=0, world_size=1, seed=0)
     try:
         batches = [next(loader) for _ in range(6)]
     finally:
@@ -57,27 +66,27 @@ def test_train_batches_follow_the_contract(tiny_shards):
     assert b["hr"].dtype == b["lr"].dtype == torch.float32
     assert 0 <= float(b["lr"].min()) and float(b["hr"].max()) <= 1
     assert all(t in (["red", "synthetic"], ["blue", "synthetic"]) for t in b["tags"])
-    assert set(b) == {"lr", "hr", "tags", "key"} and len(b["key"]) == 4
+    assert set(b) == {"lr", "hr", "tags", "key", "degradation"} and len(b["key"]) == 4
+    assert set(b["degradation"]) >= {"blur", "noise", "jpeg"} and b["degradation"]["jpeg"].shape == (4,)
     assert loader.samples == 24 and loader.skips == {}
     train_keys = {s["__key__"] for s in iter_samples(tiny_shards, "train")}
     assert {k for x in batches for k in x["key"]} <= train_keys
+    # "device": the worker ships HR + seeds, finish_batch makes the same LR where the batch lands
+    device = _first(_cfg(tiny_shards, num_workers=2, degrade_on="device"), 6)
+    assert set(device[0]) == {"hr", "lr", "real_lr", "seed", "tags", "key"}
+    for x, y in zip(batches, device):
+        done = finish_batch(y, _cfg(tiny_shards), "cpu")
+        assert x["key"] == done["key"] and torch.equal(x["hr"], done["hr"]) and torch.equal(x["lr"], done["lr"])
 
 
 def test_train_stream_is_seeded_by_seed_rank_and_worker(tiny_shards):
-    def first(seed, rank=0, world=1):
-        loader = make_train_loader(_cfg(tiny_shards, num_workers=2), rank, world, seed)
-        try:
-            return [next(loader) for _ in range(3)]
-        finally:
-            loader.close()
-
-    a, b, c = first(0), first(0), first(1)
+    cfg = _cfg(tiny_shards, num_workers=2, degrade_on="loader")
+    a, b, c = _first(cfg, 3), _first(cfg, 3), _first(cfg, 3, seed=1)
     assert [x["key"] for x in a] == [x["key"] for x in b]
     assert all(torch.equal(x["lr"], y["lr"]) for x, y in zip(a, b))
-    assert [x["key"] for x in a] != [x["key"] for x in c]  # a resumed run with a new seed: a new stream
-    r0, r1 = first(0, 0, 2), first(0, 1, 2)
-    assert len(_manifest(tiny_shards)["splits"]["train"]["shards"]) >= 4  # enough shards for disjoint reads
-    assert not {k for x in r0 for k in x["key"]} & {k for x in r1 for k in x["key"]}  # ranks read different shards
+    assert [x["key"] for x in a] != [x["key"] for x in c]  # another seed: another stream
+    r0, r1 = _first(cfg, 3, rank=0, world=2), _first(cfg, 3, rank=1, world=2)
+    assert [x["key"] for x in r0] != [x["key"] for x in r1]  # ranks draw their own shards
 
 
 def test_two_ranks_two_workers_read_every_val_sample_exactly_once(tiny_shards):
@@ -106,7 +115,7 @@ def test_val_is_deterministic_across_passes_and_rank_layouts(tiny_shards):
     for s in iter_samples(tiny_shards, "val"):
         ext = "png" if "png" in s else "jpg"
         with Image.open(__import__("io").BytesIO(s[ext])) as img:
-            ref = to_tensor(crop_array(np.asarray(img.convert("RGB")), 32, None))
+            ref = to_tensor(crop_pair(np.asarray(img.convert("RGB")), None, 32, 4, None)[0])
         assert torch.equal(single[s["__key__"]]["hr"], ref)
     limited = _val_pass(_cfg(tiny_shards, val_max_samples=3))
     assert list(limited) == list(single)[:3]

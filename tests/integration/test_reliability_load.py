@@ -40,7 +40,8 @@ def test_loader_under_sustained_load_keeps_memory_flat_and_throughput_steady(rec
         f"real photo shards missing at {PHOTO_SHARDS}: `make data` builds them (make test does)"
     # the demo's loader settings (96 px crops, 4 crops per decoded 1280x800 photo, 64-crop shuffle buffers)
     # with the default, realistic degradation (blur, resize, noise, JPEG: the most code per sample)
-    cfg = DataConfig(shards=PHOTO_SHARDS, crop=96, batch_size=8, num_workers=2, crops_per_image=4, shuffle_buffer=64)
+    cfg = DataConfig(shards=PHOTO_SHARDS, crop=96, batch_size=8, num_workers=2, crops_per_image=4, shuffle_buffer=64,
+                     degrade_on="loader")
     me = psutil.Process()
     loader = make_train_loader(cfg, seed=0)
     samples: list[tuple[float, int]] = []  # (time, samples so far) after each batch

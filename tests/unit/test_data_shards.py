@@ -128,3 +128,42 @@ def test_verify_reads_shards_on_s3(tmp_path, make_images, s3_bucket, capsys):
     build_shards(str(tmp_path / "src"), f"{s3_bucket}/shards", samples_per_shard=2, val_fraction=0.25, progress=False)
     assert main(["shards", "verify", f"{s3_bucket}/shards", "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith("ok: ")
+
+
+def _lr_of(path: Path, out: Path, factor: int, size: tuple[int, int] | None = None) -> None:
+    with Image.open(path) as im:
+        im.convert("RGB").resize(size or (im.width // factor, im.height // factor), Image.Resampling.BOX).save(out)
+
+
+def test_real_pairs_are_stored_and_every_bad_pair_is_named_and_counted(tmp_path, make_images, capsys):
+    hr = make_images(tmp_path / "hr", n=6)
+    (tmp_path / "lr").mkdir()
+    _lr_of(hr[0], tmp_path / "lr" / "img000.jpg", 4)  # a JPEG partner is fine (stored as PNG)
+    _lr_of(hr[1], tmp_path / "lr" / "img001.png", 4, size=(13, 17))  # no integer scale
+    _lr_of(hr[3], tmp_path / "lr" / "img003.png", 2)  # another scale than the first pair's
+    _lr_of(hr[4], tmp_path / "lr" / "img004.png", 4)
+    _lr_of(hr[5], tmp_path / "lr" / "img005.png", 4)
+    _lr_of(hr[0], tmp_path / "lr" / "stray.png", 4)  # no HR partner; img002 has no LR partner
+    rc = main(["shards", "build", str(tmp_path / "hr"), str(tmp_path / "out"), "--lr", str(tmp_path / "lr"),
+               "--val-fraction", "0", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    m = read_manifest(str(tmp_path / "out"))
+    bad = {x["source"]: x["error"] for x in m["skipped"]}
+    stray = f"{tmp_path / 'lr'}/stray.png"
+    assert set(bad) == {hr[1].name, hr[2].name, hr[3].name, stray}
+    assert "not an integer multiple of LR 13x17" in bad[hr[1].name] and "missing partner" in bad[hr[2].name]
+    assert "is x2, the other pairs are x4" in bad[hr[3].name] and "without an HR image" in bad[stray]
+    for name in bad:
+        assert f"skipped {name}: " in out
+    assert m["splits"]["train"]["samples"] == m["splits"]["train"]["paired"] == 3 and m["settings"]["lr_scale"] == 4
+    assert "real LR/HR pairs at x4: 3 of 3 samples" in out
+    stored = {s["__key__"]: s for s in iter_samples(str(tmp_path / "out"))}
+    with Image.open(__import__("io").BytesIO(stored["img000"]["lr.png"])) as lr, Image.open(hr[0]) as full:
+        assert lr.format == "PNG" and (lr.width * 4, lr.height * 4) == full.size
+    # with --allow-unpaired the HR without a partner stays, as an HR-only sample
+    m = build_shards(str(tmp_path / "hr"), str(tmp_path / "mixed"), val_fraction=0, lr=str(tmp_path / "lr"),
+                     allow_unpaired=True, progress=False)
+    assert m["splits"]["train"]["samples"] == 4 and m["splits"]["train"]["paired"] == 3
+    with pytest.raises(ValueError, match="--max-side cannot be combined with --lr"):
+        build_shards(str(tmp_path / "hr"), str(tmp_path / "x"), max_side=32, lr=str(tmp_path / "lr"))
