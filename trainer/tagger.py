@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from linearsr.data.degrade import bicubic_down, modcrop
 from linearsr.data.reader import Stats, decode, iter_samples
 from linearsr.model.bundle import read_manifest as read_bundle_manifest, write_bundle
-from linearsr.model.tagger import CNNTagger, Tagger
-from linearsr.trainer.tagger_fit import (FitConfig, crop_features, fit_head, out_of_fold, precision_thresholds,
-                                         random_crops, tag_report)
+from linearsr.model.tagger import DEGRADATION, OBJECT, CNNTagger, Tagger, lse_pool
+from linearsr.trainer.tagger_fit import (DEGRADATION_TAGS, FitConfig, crop_features, degradation_crops,
+                                         degraded_features, fit_head, out_of_fold, precision_thresholds, tag_report)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def labels_of(tag_lists: list[list[str]], vocab: list[str]) -> torch.Tensor:
     return y
 
 
-def new_tagger(vocab: list[str], cfg: FitConfig, weights: str | None = None) -> Tagger:
+def new_tagger(vocab: list[str], cfg: FitConfig, weights: str | None = None, kinds: list[str] | None = None) -> Tagger:
     """A tagger whose backbone holds the ImageNet AlexNet convs (`make weights` writes them)."""
     from safetensors.torch import load_file
 
@@ -66,7 +67,7 @@ def new_tagger(vocab: list[str], cfg: FitConfig, weights: str | None = None) -> 
     path = lpips_weights_path(weights)
     if not Path(path).is_file():
         raise FileNotFoundError(f"the tagger's ImageNet AlexNet weights are not at {path}; run `make weights`")
-    tagger = Tagger(vocab, crop=cfg.crop, upsample=cfg.scale, pool_r=cfg.pool_r)
+    tagger = Tagger(vocab, kinds, crop=cfg.crop, upsample=cfg.scale, pool_r=cfg.pool_r)
     state = load_file(path)
     tagger.backbone.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
     return tagger
@@ -97,25 +98,37 @@ def val_logits(tagger: Tagger, val: list) -> torch.Tensor:
 
 
 def fit_tagger(train: list, vocab: list[str], cfg: FitConfig, weights: str | None = None) -> tuple[Tagger, dict]:
-    """The tagger fitted on all train photos, its thresholds chosen out of fold; and the out-of-fold report."""
-    tagger = new_tagger(vocab, cfg, weights)
-    feats = crop_features(tagger, [hr for hr, _ in train], cfg)
-    y = labels_of([tags for _, tags in train], vocab)
+    """The tagger fitted on all train photos, its thresholds chosen out of fold; and the
+    out-of-fold reports (object tags per photo; degradation tags per crop)."""
+    deg_tags = list(DEGRADATION_TAGS) if cfg.degraded_crops else []
+    tagger = new_tagger(vocab + deg_tags, cfg, weights, [OBJECT] * len(vocab) + [DEGRADATION] * len(deg_tags))
+    hrs = [hr for hr, _ in train]
+    feats, y = crop_features(tagger, hrs, cfg), labels_of([tags for _, tags in train], vocab)
+    deg = degraded_features(tagger, hrs, cfg, seed=cfg.seed + 1) if deg_tags else None
 
     def fit(idx):
-        fit_head(tagger, feats[idx], y[idx], cfg)
+        fit_head(tagger, feats[idx], y[idx], cfg, (deg[0][idx], deg[1][idx]) if deg else None)
         return {k: v.clone() for k, v in tagger.state_dict().items() if not k.startswith("backbone.")}
 
     def score(state, idx):
         tagger.load_state_dict(state, strict=False)
         with torch.no_grad():
-            return torch.stack([tagger.pool(tagger.head_logits(feats[i])) for i in idx])
+            return [(lse_pool(tagger.head_logits(feats[i])[:, :len(vocab)], cfg.pool_r),
+                     tagger.head_logits(degradation_crops(feats[i:i + 1], (deg[0][i:i + 1], deg[1][i:i + 1]))[0])
+                     [:, len(vocab):] if deg else None) for i in idx]
 
     oof = out_of_fold(len(train), cfg, fit, score)
-    thresholds = precision_thresholds(oof, y, cfg.precision, cfg.min_hits)
-    fit_head(tagger, feats, y, cfg)
+    obj = torch.stack([o for o, _ in oof])
+    thresholds = precision_thresholds(obj, y, cfg.precision, cfg.min_hits)
+    report = {"cv": tag_report(vocab, obj, y, thresholds)}
+    if deg:
+        d_scores, d_labels = torch.cat([d for _, d in oof]), degradation_crops(feats, deg)[1]
+        d_thresholds = precision_thresholds(d_scores, d_labels, cfg.precision, cfg.min_hits)
+        report["degradation_cv"] = tag_report(deg_tags, d_scores, d_labels, d_thresholds)
+        thresholds += d_thresholds
+    fit_head(tagger, feats, y, cfg, deg)
     tagger.thresholds.copy_(torch.tensor(thresholds))
-    return tagger.eval(), tag_report(vocab, oof, y, thresholds)
+    return tagger.eval(), report
 
 
 def fit_cnn(train: list, vocab: list[str], cfg: FitConfig, batch_size: int = 16, lr: float = 2e-3) -> CNNTagger:
@@ -154,7 +167,7 @@ def cnn_baseline(train: list, val: list, vocab: list[str], cfg: FitConfig) -> di
         with torch.no_grad():
             return torch.cat([net(whole_lr(train[i][0], cfg.scale)[None]) for i in idx])
 
-    oof = out_of_fold(len(train), cfg, lambda idx: fit_cnn([train[i] for i in idx], vocab, cfg), score)
+    oof = torch.stack(out_of_fold(len(train), cfg, lambda idx: fit_cnn([train[i] for i in idx], vocab, cfg), score))
     thresholds = precision_thresholds(oof, y, cfg.precision, cfg.min_hits)
     net = fit_cnn(train, vocab, cfg)
     with torch.no_grad():
@@ -163,9 +176,23 @@ def cnn_baseline(train: list, val: list, vocab: list[str], cfg: FitConfig) -> di
             "val": tag_report(vocab, val_scores, labels_of([t for _, t in val], vocab), thresholds)}
 
 
-def evaluate_tagger(tagger: Tagger, val: list) -> dict:
-    vocab = tagger.vocab
-    return tag_report(vocab, val_logits(tagger, val), labels_of([t for _, t in val], vocab), tagger.thresholds.tolist())
+def evaluate_tagger(tagger: Tagger, val: list, cfg: FitConfig) -> dict:
+    """The val photos: object tags per photo (windows pooled, as upscale does); degradation tags
+    per crop, on bicubic crops and crops through the realistic degradation (seeds no training used)."""
+    obj = [i for i, k in enumerate(tagger.kinds) if k == OBJECT]
+    deg = [i for i, k in enumerate(tagger.kinds) if k == DEGRADATION]
+    names, th = tagger.vocab, tagger.thresholds.tolist()
+    report = {"val": tag_report([names[i] for i in obj], val_logits(tagger, val)[:, obj],
+                                labels_of([t for _, t in val], [names[i] for i in obj]), [th[i] for i in obj])}
+    if deg:
+        hrs = [hr for hr, _ in val]
+        seed = cfg.seed + 2
+        d_feats, d_labels = degradation_crops(crop_features(tagger, hrs, replace(cfg, seed=seed)),
+                                              degraded_features(tagger, hrs, cfg, seed=seed + 1))
+        with torch.no_grad():
+            scores = tagger.head_logits(d_feats)[:, deg]
+        report["degradation_val"] = tag_report([names[i] for i in deg], scores, d_labels, [th[i] for i in deg])
+    return report
 
 
 def train_tagger(shards: str, cfg: FitConfig = FitConfig(), baseline: bool = False,
@@ -174,7 +201,7 @@ def train_tagger(shards: str, cfg: FitConfig = FitConfig(), baseline: bool = Fal
     start = time.perf_counter()
     train, val, vocab = split_photos(shards, cfg)
     tagger, cv = fit_tagger(train, vocab, cfg, weights)
-    report = {"tagger": {"cv": cv, "val": evaluate_tagger(tagger, val)}, "train_photos": len(train),
+    report = {"tagger": {**cv, **evaluate_tagger(tagger, val, cfg)}, "train_photos": len(train),
               "val_photos": len(val), "vocab": vocab, "precision_target": cfg.precision}
     report["seconds"] = time.perf_counter() - start
     if baseline:
@@ -205,14 +232,30 @@ def render(report: dict) -> str:
     for tag in report["vocab"]:
         cells = [tag, str(report["tagger"]["val"]["per_tag"][tag]["support"])]
         for m in models:
-            v, c = report[m]["val"]["per_tag"][tag], report[m]["cv"]["per_tag"][tag]
+            v = report[m]["val"]["per_tag"][tag]
+            c = report[m]["cv"]["per_tag"][tag] if report[m].get("cv") else {"precision": None, "recall": None}
             cells += ["yes" if v["on"] else "no", f"{_fmt(v['precision'])} / {_fmt(v['recall'])}", _fmt(v["auc"]),
                       f"{_fmt(c['precision'])} / {_fmt(c['recall'])}"]
         lines.append("| " + " | ".join(cells) + " |")
+    t = report["tagger"]
+    if "degradation_val" in t:
+        v, c = t["degradation_val"], t.get("degradation_cv")
+        lines += ["", f"degradation tags, per crop ({v['items']} val-photo crops, bicubic and through the realistic degradation):",
+                  "", "| tag | crops with it | on | val P / R | val accuracy | val AUC | cv P / R |", "|---" * 7 + "|"]
+        for tag, r in v["per_tag"].items():
+            cv = c["per_tag"][tag] if c else {"precision": None, "recall": None}
+            lines.append(f"| {tag} | {r['support']} | {'yes' if r['on'] else 'no'} | {_fmt(r['precision'])} / "
+                         f"{_fmt(r['recall'])} | {_fmt(r['accuracy'])} | {_fmt(r['auc'])} | {_fmt(cv['precision'])} / "
+                         f"{_fmt(cv['recall'])} |")
+        accuracy = sum(r["accuracy"] for r in v["per_tag"].values()) / len(v["per_tag"])
+        lines += ["", f"degradation tags on val crops: mean accuracy {accuracy:.3f}, mean AUC {_fmt(v['mean_auc'], '.3f')}, "
+                      f"precision {_fmt(v['precision'])}, recall {_fmt(v['recall'])}"]
     lines.append("")
     for m in models:
         for part in ("val", "cv"):
-            r = report[m][part]
+            r = report[m].get(part)
+            if r is None:
+                continue
             lines.append(f"{m:6s} {part:3s}: mean AUC {_fmt(r['mean_auc'], '.3f')} over {r['tags_scored']} tags; emitted tags: "
                          f"precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}; {r['tags_on']} of "
                          f"{len(report['vocab'])} tags on")
@@ -229,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"held-out precision a tag must reach to be emitted (default {FitConfig.precision})")
     parser.add_argument("--crops-per-photo", type=int, default=FitConfig.crops_per_photo,
                         help=f"random training crops per photo (default {FitConfig.crops_per_photo})")
+    parser.add_argument("--degraded-crops", type=int, default=FitConfig.degraded_crops,
+                        help=f"crops per photo through the realistic degradation, for the degradation tags (default "
+                             f"{FitConfig.degraded_crops}; 0 = no degradation tags)")
     parser.add_argument("--steps", type=int, default=FitConfig.steps, help=f"head training steps (default {FitConfig.steps})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="do not fit and score the CNN baseline")
@@ -236,7 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = FitConfig(precision=args.precision, seed=args.seed, crops_per_photo=args.crops_per_photo, steps=args.steps)
+    cfg = FitConfig(precision=args.precision, seed=args.seed, crops_per_photo=args.crops_per_photo, steps=args.steps,
+                    degraded_crops=args.degraded_crops)
     if args.action == "train":
         if not args.out and not args.bundle:
             raise ValueError("say where the tagger goes: --out PREFIX or --bundle DIR")
@@ -250,11 +297,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("say which tagger to score: --tagger FILE.safetensors")
         tagger = Tagger.load(args.tagger)
         train, val, _ = split_photos(args.shards, cfg)
-        report = {"tagger": {"val": evaluate_tagger(tagger, val), "cv": tagger.meta.get("held_out", {}).get("cv")},
-                  "train_photos": len(train), "val_photos": len(val), "vocab": tagger.vocab,
-                  "precision_target": tagger.meta["precision_target"]}
+        trained = tagger.meta.get("held_out", {})
+        vocab = [t for t, k in zip(tagger.vocab, tagger.kinds) if k == OBJECT]
+        report = {"tagger": {**{k: v for k, v in trained.items() if k.endswith("cv")}, **evaluate_tagger(tagger, val, cfg)},
+                  "train_photos": len(train), "val_photos": len(val), "vocab": vocab,
+                  "precision_target": tagger.meta.get("precision_target")}
         if not args.no_baseline:
-            report["cnn"] = cnn_baseline(train, val, [t for t in tagger.vocab], cfg)
+            report["cnn"] = cnn_baseline(train, val, vocab, cfg)
         where = args.tagger
     print(render(report))
     if args.json:

@@ -3,9 +3,12 @@
     photos -> K random HR crops each -> LR crops (as training makes them) -> backbone features, once
     head: object tags from photo-level labels by multiple-instance learning (the LSE pool of the
           photo's crop logits against its tags; a missing tag counts 0.3 of a present one: the
-          photo lists are incomplete); degradation tags from exact per-crop labels
-    thresholds: K-fold over the train photos; each fold's head scores the photos it never saw;
-          per tag, the lowest threshold whose out-of-fold precision reaches the target
+          photo lists are incomplete); degradation tags ("strong blur", "heavy noise", "jpeg
+          artifacts") from exact per-crop labels: more crops of each photo go through the
+          realistic degradation, whose parameters say which tags each crop earns
+    thresholds: K-fold over the train photos; each fold's head scores the photos (object tags) and
+          crops (degradation tags) it never saw; per tag, the lowest threshold whose out-of-fold
+          precision reaches the target
           ("precision over volume"), +inf (never emitted) where none does
 
 Everything here is deterministic given the seed. `precision_thresholds` and `tag_report` are
@@ -20,13 +23,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from linearsr.data.config import DegradationConfig
 from linearsr.data.degrade import bicubic_down
+from linearsr.data.degradations import degradation_tags, degrade_batch
 from linearsr.model.tagger import Tagger, lse_pool
+
+REALISTIC = DegradationConfig(mode="realistic")  # Real-ESRGAN's published defaults
+# the tag names degradation_tags gives, in its order (every threshold passed)
+DEGRADATION_TAGS = tuple(degradation_tags({"blur": torch.tensor([math.inf]), "noise": torch.tensor([math.inf]),
+                                           "jpeg": torch.tensor([0.0])}, REALISTIC.tags)[0])
 
 
 @dataclass(frozen=True)
 class FitConfig:
     crops_per_photo: int = 32  # random training crops per photo (features computed once)
+    degraded_crops: int = 16  # more per photo through the realistic degradation: the degradation tags' examples (0 = none)
     crop: int = 24  # LR crop side: the demo's training crop (data.crop 96 / scale 4)
     scale: int = 4
     min_count: int = 3  # a tag needs this many train photos to be learned
@@ -42,6 +53,8 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.degraded_crops < 0:
+            raise ValueError(f"tagger degraded_crops must be >= 0, got {self.degraded_crops}")
         for name in ("crops_per_photo", "crop", "scale", "min_count", "min_hits", "steps", "baseline_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tagger {name} must be >= 1, got {getattr(self, name)}")
@@ -66,20 +79,48 @@ def random_crops(hr: torch.Tensor, n: int, size: int, rng: random.Random) -> tor
     return torch.stack(out)
 
 
-def crop_features(tagger: Tagger, photos: list[torch.Tensor], cfg: FitConfig, batch: int = 64) -> torch.Tensor:
+def _features(tagger: Tagger, lr: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([tagger.features(lr[i:i + batch]) for i in range(0, len(lr), batch)])
+
+
+def crop_features(tagger: Tagger, photos: list[torch.Tensor], cfg: FitConfig) -> torch.Tensor:
     """Raw backbone features of `crops_per_photo` bicubic-LR crops of every photo: [P, K, 2304]."""
     rng = random.Random(cfg.seed)
-    feats = []
-    for hr in photos:
-        lr = bicubic_down(random_crops(hr, cfg.crops_per_photo, cfg.crop * cfg.scale, rng), cfg.scale)
-        feats.append(torch.cat([tagger.features(lr[i:i + batch]) for i in range(0, len(lr), batch)]))
-    return torch.stack(feats)
+    return torch.stack([_features(tagger, bicubic_down(random_crops(hr, cfg.crops_per_photo, cfg.crop * cfg.scale, rng),
+                                                       cfg.scale)) for hr in photos])
 
 
-def fit_head(tagger: Tagger, feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig) -> None:
-    """Fit tagger.head (and its feature normalisation) in place. feats [P, K, D] raw features,
-    labels [P, V] photo-level multi-hot of the object tags."""
-    flat = feats.flatten(0, 1)
+def degraded_features(tagger: Tagger, photos: list[torch.Tensor], cfg: FitConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`degraded_crops` crops of every photo through the realistic degradation, their features
+    [P, Kd, 2304] and exact labels [P, Kd, 3] (the DEGRADATION_TAGS their parameters earn)."""
+    rng = random.Random(seed)
+    feats, labels = [], []
+    for p, hr in enumerate(photos):
+        seeds = [rng.getrandbits(62) for _ in range(cfg.degraded_crops)]
+        lr, params = degrade_batch(random_crops(hr, cfg.degraded_crops, cfg.crop * cfg.scale, rng), REALISTIC, cfg.scale, seeds)
+        feats.append(_features(tagger, lr))
+        tags = degradation_tags(params, REALISTIC.tags)
+        labels.append(torch.tensor([[float(t in crop) for t in DEGRADATION_TAGS] for crop in tags]))
+    return torch.stack(feats), torch.stack(labels)
+
+
+def degradation_crops(feats: torch.Tensor, deg: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every crop of the photos with its exact degradation labels, [N, D] and [N, 3]: the bicubic
+    crops (no degradation tag) and the degraded ones."""
+    d_feats, d_labels = deg
+    clean = feats.flatten(0, 1)
+    return torch.cat([clean, d_feats.flatten(0, 1)]), torch.cat([torch.zeros(len(clean), d_labels.shape[-1]),
+                                                                 d_labels.flatten(0, 1)])
+
+
+def fit_head(tagger: Tagger, feats: torch.Tensor, labels: torch.Tensor, cfg: FitConfig,
+             deg: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Fit tagger.head (and its feature normalisation) in place. feats [P, K, D] raw features of
+    bicubic crops, labels [P, Vo] photo-level multi-hot of the object tags (the head's first Vo
+    outputs); deg: the degraded crops' features and labels (degraded_features), for the last 3."""
+    num_obj = labels.shape[1]
+    d_feats, d_labels = degradation_crops(feats, deg) if deg is not None else (None, None)
+    flat = feats.flatten(0, 1) if deg is None else d_feats
     with torch.no_grad():
         tagger.feat_mean.copy_(flat.mean(0))
         tagger.feat_std.copy_(flat.std(0) + 1e-5)
@@ -88,8 +129,10 @@ def fit_head(tagger: Tagger, feats: torch.Tensor, labels: torch.Tensor, cfg: Fit
     opt = torch.optim.AdamW(tagger.head.parameters(), lr=cfg.lr, weight_decay=0.0)
     weight = labels + cfg.negative_weight * (1 - labels)
     for _ in range(cfg.steps):
-        pooled = lse_pool(tagger.head_logits(feats), cfg.pool_r, dim=1)
+        pooled = lse_pool(tagger.head_logits(feats)[..., :num_obj], cfg.pool_r, dim=1)
         loss = F.binary_cross_entropy_with_logits(pooled, labels, weight=weight) + cfg.l2 * tagger.head.weight.pow(2).sum()
+        if deg is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(tagger.head_logits(d_feats)[:, num_obj:], d_labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,15 +145,15 @@ def folds_of(n: int, k: int, seed: int) -> list[list[int]]:
     return [sorted(order[i::k]) for i in range(k)]
 
 
-def out_of_fold(n: int, cfg: FitConfig, fit, score) -> torch.Tensor:
-    """[n, V] scores of every item by a model fitted without its fold: fit(train_idx) -> model,
-    score(model, idx) -> [len(idx), V]."""
-    rows: dict[int, torch.Tensor] = {}
+def out_of_fold(n: int, cfg: FitConfig, fit, score) -> list:
+    """The score of every item (in order) by a model fitted without its fold: fit(train_idx) ->
+    model, score(model, idx) -> one score per item of idx."""
+    rows: dict[int, object] = {}
     for fold in folds_of(n, min(cfg.folds, n), cfg.seed):
         model = fit([i for i in range(n) if i not in set(fold)])
         for i, s in zip(fold, score(model, fold)):
             rows[i] = s
-    return torch.stack([rows[i] for i in range(n)])
+    return [rows[i] for i in range(n)]
 
 
 def precision_thresholds(scores: torch.Tensor, labels: torch.Tensor, precision: float, min_hits: int) -> list[float]:
@@ -148,7 +191,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def tag_report(vocab: list[str], scores: torch.Tensor, labels: torch.Tensor, thresholds: list[float]) -> dict:
     """Held-out scores [N, V] against labels [N, V] with the chosen thresholds: per tag its
-    support, AUC, and precision / recall of what it emits; the mean AUC over the tags with both
+    support, AUC, and precision / recall / accuracy of what it emits; the mean AUC over the tags with both
     classes present; micro precision / recall over all emitted tags."""
     per_tag, aucs = {}, []
     emitted = scores >= torch.tensor(thresholds)
@@ -158,7 +201,7 @@ def tag_report(vocab: list[str], scores: torch.Tensor, labels: torch.Tensor, thr
         if auc == auc:
             aucs.append(auc)
         tp = int((y & e).sum())
-        per_tag[tag] = {"support": int(y.sum()), "auc": auc, "emitted": int(e.sum()),
+        per_tag[tag] = {"support": int(y.sum()), "auc": auc, "emitted": int(e.sum()), "accuracy": float((y == e).float().mean()),
                         "precision": tp / int(e.sum()) if e.any() else None,
                         "recall": tp / int(y.sum()) if y.any() else None, "on": math.isfinite(thresholds[j])}
     y, tp = labels > 0, int(((labels > 0) & emitted).sum())

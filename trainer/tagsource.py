@@ -11,7 +11,9 @@ on the tags it will be given. The tagger file is copied into the run dir at the 
 that copy: a resume, and every expert fine-tuned from the run's config, tags with the same tagger
 even if the file it came from changes. The photo tags in the shards are then only the tagger's
 training labels.
-tags.source = "photo": the photo-level tags stored in the shards, attached to every crop (the ablation).
+tags.source = "photo": the photo-level tags stored in the shards, attached to every crop (the ablation),
+plus, under data.degradation.mode = "realistic", the degradation tags each crop's own parameters earn
+("strong blur", "heavy noise", "jpeg artifacts"; the tagger learns to predict those from the LR).
 
 Either way `model.tag_set` becomes the tags the model can meet in training (the tagger's emitted
 tags, or every tag in the shards): the bundle carries it, so `linearsr upscale` can tell an unseen
@@ -73,19 +75,30 @@ def _load(files: dict[str, bytes]) -> Tagger:
         return Tagger.load(os.path.join(tmp, "tagger.safetensors"))
 
 
+def _degradation_tags(cfg: TrainConfig) -> bool:
+    """Photo mode conditions on the exact degradation tags too, where the degradation makes any."""
+    return cfg.tags.source == "photo" and cfg.data.degradation.mode == "realistic"
+
+
 class TagSource:
     def __init__(self, cfg: TrainConfig, tagger: Tagger | None, device: torch.device | str = "cpu"):
         self.max_tags, self.device = cfg.model.max_tags, device
         self.tagger = tagger.to(device) if tagger is not None else None
+        self.thresholds = cfg.data.degradation.tags if _degradation_tags(cfg) else None
 
-    def tags_for(self, lr: torch.Tensor, photo_tags: list[list[str]]) -> list[list[str]]:
-        """lr [B, 3, h, w] training crops and their photos' tags -> the tags to condition on."""
-        if self.tagger is None:
+    def tags_for(self, lr: torch.Tensor, photo_tags: list[list[str]], params: dict | None = None) -> list[list[str]]:
+        """lr [B, 3, h, w] training crops, their photos' tags and (photo mode) their degradation
+        parameters -> the tags to condition on."""
+        if self.tagger is not None:
+            return self.tagger.tag_crops(lr.to(self.device), self.max_tags)
+        if self.thresholds is None or params is None:
             return photo_tags
-        return self.tagger.tag_crops(lr.to(self.device), self.max_tags)
+        from linearsr.data.degradations import degradation_tags
+
+        return [(list(p) + d)[:self.max_tags] for p, d in zip(photo_tags, degradation_tags(params, self.thresholds))]
 
     def __call__(self, batch: dict) -> list[list[str]]:
-        return self.tags_for(batch["lr"], batch["tags"])
+        return self.tags_for(batch["lr"], batch["tags"], batch.get("degradation"))
 
     def relabel(self, val_batches: list) -> None:
         """Give each held-out batch (trainer.validate.ValBatch) the tags training would give it."""
@@ -108,7 +121,10 @@ def open_tag_source(cfg: TrainConfig, run_url: str, rank: int, device: torch.dev
     else:
         from linearsr.data.shards import read_manifest
 
-        tag_set = tuple(sorted(read_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries).get("tags") or {}))
+        from linearsr.trainer.tagger_fit import DEGRADATION_TAGS
+
+        shard_tags = set(read_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries).get("tags") or {})
+        tag_set = tuple(sorted(shard_tags | (set(DEGRADATION_TAGS) if _degradation_tags(cfg) else set())))
     if cfg.model.tag_set and cfg.model.tag_set != tag_set:
         missing, extra = sorted(set(tag_set) - set(cfg.model.tag_set)), sorted(set(cfg.model.tag_set) - set(tag_set))
         raise ValueError(f"model.tag_set of the config differs from the tags of its tag source (tags.source="

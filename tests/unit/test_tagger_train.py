@@ -96,17 +96,21 @@ def bundle(tmp_path):
 def test_tagger_learns_the_shipped_tags_and_goes_into_a_bundle(photo_shards, alexnet_weights, bundle, tmp_path, capsys):
     report_file = tmp_path / "report.json"
     assert main(["tagger", "train", "--shards", photo_shards, "--bundle", str(bundle), "--no-baseline",
-                 "--crops-per-photo", "8", "--steps", "100", "--json", str(report_file)]) == 0
+                 "--crops-per-photo", "8", "--degraded-crops", "4", "--steps", "100", "--json", str(report_file)]) == 0
     out = capsys.readouterr().out
     assert "| sky |" in out and "mean AUC" in out
     report = json.loads(report_file.read_text())["tagger"]
     # the val photos were never seen: chance AUC is 0.5
     assert report["val"]["tags_scored"] >= 3 and report["val"]["mean_auc"] > 0.6
-    assert report["cv"]["items"] == 42 and report["cv"]["tags_on"] >= 1
+    assert report["cv"]["items"] == 42 and set(report["cv"]["per_tag"]) == set(report["val"]["per_tag"])
+    # degradation tags: exact labels per crop, scored on val-photo crops the tagger never saw
+    deg = report["degradation_val"]
+    assert set(deg["per_tag"]) == {"strong blur", "heavy noise", "jpeg artifacts"} and deg["items"] == 6 * (8 + 4)
+    assert deg["mean_auc"] > 0.7, deg
     manifest = read_manifest(bundle)
     assert manifest["tagger"] == "tagger.safetensors" and len(manifest["experts"]) == 1
     moe = load_bundle(bundle)
-    assert "sky" in moe.tagger.vocab and moe.tagger.emitted
+    assert "sky" in moe.tagger.vocab and moe.tagger.vocab[-3:] == ["strong blur", "heavy noise", "jpeg artifacts"]
     # eval scores the saved tagger the same way
     assert main(["tagger", "eval", "--shards", photo_shards, "--tagger", str(bundle / "tagger.safetensors"),
                  "--no-baseline"]) == 0

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from linearsr.data.config import DegradationConfig
 from linearsr.model.tagger import Tagger
 from linearsr.trainer.config import TrainConfig, load_config
 from linearsr.trainer.tagsource import open_tag_source
@@ -59,7 +60,8 @@ def test_validation_batches_get_the_tags_training_gives(tmp_path):
 
 
 def test_photo_mode_keeps_the_shard_tags_and_records_them(tiny_shards, tmp_path):
-    cfg, tags = open_tag_source(config(source="photo").replace(data={"shards": tiny_shards}), str(tmp_path / "run"), rank=0)
+    cfg = config(source="photo").replace(data={"shards": tiny_shards, "degradation": DegradationConfig(mode="bicubic")})
+    cfg, tags = open_tag_source(cfg, str(tmp_path / "run"), rank=0)
     assert cfg.model.tag_set == ("blue", "red", "synthetic")
     assert tags({"lr": torch.rand(1, 3, 8, 8), "tags": [["red", "synthetic"]]}) == [["red", "synthetic"]]
 
@@ -86,3 +88,13 @@ def test_a_relative_tagger_path_is_made_absolute_for_the_workers(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["tags.source=tagger", "tags.tagger=runs/tagger/tagger.safetensors"])
     assert cfg.tags.tagger == str(tmp_path / "runs" / "tagger" / "tagger.safetensors")
+
+
+def test_photo_mode_adds_the_degradation_tags_a_realistic_crop_earns(tiny_shards, tmp_path):
+    cfg = config(source="photo").replace(data={"shards": tiny_shards, "degradation": DegradationConfig(mode="realistic")})
+    cfg, tags = open_tag_source(cfg, str(tmp_path / "run"), rank=0)
+    assert cfg.model.tag_set == ("blue", "heavy noise", "jpeg artifacts", "red", "strong blur", "synthetic")
+    params = {"blur": torch.tensor([3.0, 0.5, float("nan")]), "noise": torch.tensor([1.0, 20.0, float("nan")]),
+              "jpeg": torch.tensor([90.0, 30.0, float("nan")])}  # the last one: a real LR/HR pair
+    got = tags({"lr": torch.rand(3, 3, 8, 8), "tags": [["red"], ["blue"], ["red"]], "degradation": params})
+    assert got == [["red", "strong blur"], ["blue", "heavy noise", "jpeg artifacts"], ["red"]]
