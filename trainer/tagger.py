@@ -2,6 +2,7 @@
 
     linearsr tagger train --shards runs/data/shards --out runs/tagger/tagger [--bundle DIR]
     linearsr tagger eval  --shards runs/data/shards --tagger runs/tagger/tagger.safetensors
+    linearsr tagger bench --tagger runs/tagger/tagger.safetensors
 
 train: the head is fitted on the train photos' tags (trainer/tagger_fit.py), per-tag thresholds
 are chosen out of fold for precision, and the tagger is written (PREFIX.safetensors + .json; with
@@ -262,12 +263,39 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bench(tagger: Tagger, rounds: int = 20, batch_size: int = 8, crop: int = 96) -> dict:
+    """Seconds per call of the tagger on a training batch of LR crops against one training step of
+    the cpu_tiny model on the same batch, interleaved in this process (the cost tags.source=tagger adds)."""
+    from linearsr.model.config import ModelConfig
+    from linearsr.model.network import LinearSR
+
+    model = LinearSR(ModelConfig.preset("cpu_tiny", tag_set=tuple(tagger.emitted)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    hr = torch.rand(batch_size, 3, crop, crop)
+    lr = bicubic_down(hr, model.cfg.scale)
+    times = {"tagger": [], "train_step": []}
+    for i in range(rounds + 2):  # the first two warm up
+        t0 = time.perf_counter()
+        tags = tagger.tag_crops(lr, model.cfg.max_tags)
+        t1 = time.perf_counter()
+        loss = model.loss(hr, lr, tags, torch.rand(batch_size)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times["tagger"].append(t1 - t0)
+            times["train_step"].append(time.perf_counter() - t1)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {**med, "ratio": med["tagger"] / med["train_step"], "threads": torch.get_num_threads(), "batch": batch_size}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["train", "eval"], help="train: fit and write a tagger; eval: score one")
-    parser.add_argument("--shards", required=True, help="shard root URL (folder or s3://…) with tags in its samples")
+    parser.add_argument("action", choices=["train", "eval", "bench"],
+                        help="train: fit and write a tagger; eval: score one; bench: its cost beside a training step")
+    parser.add_argument("--shards", help="train, eval: shard root URL (folder or s3://…) with tags in its samples")
     parser.add_argument("--out", help="train: output prefix (writes PREFIX.safetensors + PREFIX.json)")
     parser.add_argument("--bundle", help="train: write the tagger into this bundle folder and update its manifest")
-    parser.add_argument("--tagger", help="eval: the tagger .safetensors to score")
+    parser.add_argument("--tagger", help="eval, bench: the tagger .safetensors to score or time")
     parser.add_argument("--precision", type=float, default=FitConfig.precision,
                         help=f"held-out precision a tag must reach to be emitted (default {FitConfig.precision})")
     parser.add_argument("--crops-per-photo", type=int, default=FitConfig.crops_per_photo,
@@ -282,6 +310,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "bench":
+        if not args.tagger:
+            raise ValueError("say which tagger to time: --tagger FILE.safetensors")
+        r = bench(Tagger.load(args.tagger))
+        print(f"tagger on {r['batch']} LR crops: {1000 * r['tagger']:.1f} ms; cpu_tiny training step on the same batch: "
+              f"{1000 * r['train_step']:.1f} ms; ratio {r['ratio']:.2f} (medians, {r['threads']} threads, interleaved)")
+        return 0
+    if not args.shards:
+        raise ValueError(f"tagger {args.action} needs --shards (the shard root with the photo tags)")
     cfg = FitConfig(precision=args.precision, seed=args.seed, crops_per_photo=args.crops_per_photo, steps=args.steps,
                     degraded_crops=args.degraded_crops)
     if args.action == "train":

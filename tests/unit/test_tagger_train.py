@@ -140,3 +140,10 @@ def test_bad_tagger_invocations_are_one_line_errors(tiny_shards, tmp_path, capsy
     with pytest.raises(ValueError, match="not a linearsr-tagger/2"):
         (tmp_path / "x.json").write_text("{}")
         Tagger.load(tmp_path / "x.safetensors")
+
+
+def test_bench_times_the_tagger_beside_a_training_step(tmp_path, capsys, one_thread):
+    Tagger(["sky"]).save(tmp_path / "tagger")
+    assert main(["tagger", "bench", "--tagger", str(tmp_path / "tagger.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "tagger on 8 LR crops:" in out and "cpu_tiny training step on the same batch" in out and "ratio" in out
