@@ -113,17 +113,20 @@ def fit_tagger(train: list, vocab: list[str], cfg: FitConfig, weights: str | Non
 
     def score(state, idx):
         tagger.load_state_dict(state, strict=False)
+        out = []
         with torch.no_grad():
-            return [(lse_pool(tagger.head_logits(feats[i])[:, :len(vocab)], cfg.pool_r),
-                     tagger.head_logits(degradation_crops(feats[i:i + 1], (deg[0][i:i + 1], deg[1][i:i + 1]))[0])
-                     [:, len(vocab):] if deg else None) for i in idx]
+            for i in idx:
+                d_feats, d_labels = degradation_crops(feats[i:i + 1], (deg[0][i:i + 1], deg[1][i:i + 1])) if deg else (None, None)
+                out.append((lse_pool(tagger.head_logits(feats[i])[:, :len(vocab)], cfg.pool_r),
+                            (tagger.head_logits(d_feats)[:, len(vocab):], d_labels) if deg else None))
+        return out
 
     oof = out_of_fold(len(train), cfg, fit, score)
     obj = torch.stack([o for o, _ in oof])
     thresholds = precision_thresholds(obj, y, cfg.precision, cfg.min_hits)
     report = {"cv": tag_report(vocab, obj, y, thresholds)}
     if deg:
-        d_scores, d_labels = torch.cat([d for _, d in oof]), degradation_crops(feats, deg)[1]
+        d_scores, d_labels = torch.cat([d[0] for _, d in oof]), torch.cat([d[1] for _, d in oof])
         d_thresholds = precision_thresholds(d_scores, d_labels, cfg.precision, cfg.min_hits)
         report["degradation_cv"] = tag_report(deg_tags, d_scores, d_labels, d_thresholds)
         thresholds += d_thresholds

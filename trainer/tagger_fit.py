@@ -120,7 +120,7 @@ def fit_head(tagger: Tagger, feats: torch.Tensor, labels: torch.Tensor, cfg: Fit
     outputs); deg: the degraded crops' features and labels (degraded_features), for the last 3."""
     num_obj = labels.shape[1]
     d_feats, d_labels = degradation_crops(feats, deg) if deg is not None else (None, None)
-    flat = feats.flatten(0, 1) if deg is None else d_feats
+    flat = feats.flatten(0, 1)  # the statistics of the clean crops (what the object tags see)
     with torch.no_grad():
         tagger.feat_mean.copy_(flat.mean(0))
         tagger.feat_std.copy_(flat.std(0) + 1e-5)
