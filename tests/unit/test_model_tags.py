@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from linearsr.model.config import ModelConfig
-from linearsr.model.tags import MiniLMEncoder, TagEmbedder, drop_tags, normalize_tags, tag_bucket
+from linearsr.model.tags import MiniLMEncoder, TagChecker, TagEmbedder, drop_tags, normalize_tags, tag_bucket
 
 
 def test_normalize_tags():
@@ -72,7 +72,8 @@ def test_hash_encoder_refuses_a_tag_it_never_trained():
         TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder="hash"))([["sky"]])
 
 
-def test_minilm_logs_a_far_tag_once_with_its_nearest_training_tag(caplog):
+def test_minilm_logs_a_far_tag_once_with_its_nearest_training_tag(caplog, monkeypatch):
+    monkeypatch.setattr(TagChecker, "_seen", set())
     cfg = ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_set=["airplane", "grass", "kitten"],
                              novel_tag_cosine=0.5)
     emb = TagEmbedder(cfg)

@@ -12,6 +12,7 @@ from linearsr.main import main
 from linearsr.model.bundle import save_expert, write_bundle
 from linearsr.model.config import ModelConfig
 from linearsr.model.network import LinearSR
+from linearsr.model.tags import TagChecker
 
 
 def bundle(folder, **cfg):
@@ -37,7 +38,8 @@ def test_hash_bundle_refuses_an_unseen_tag(tmp_path, image, capsys):
     assert main(["upscale", "--bundle", b, image, "--out", str(tmp_path / "out"), "--tags", "Sky"]) == 0
 
 
-def test_minilm_bundle_embeds_an_unseen_tag_and_names_its_nearest(tmp_path, image, caplog):
+def test_minilm_bundle_embeds_an_unseen_tag_and_names_its_nearest(tmp_path, image, caplog, monkeypatch):
+    monkeypatch.setattr(TagChecker, "_seen", set())  # logged once per process: this test's own process view
     b = bundle(tmp_path / "minilm", tag_set=["airplane", "grass", "kitten"])
     with caplog.at_level(logging.INFO, logger="linearsr"):
         assert main(["upscale", "--bundle", b, image, "--out", str(tmp_path / "out"), "--tags", "cat"]) == 0
