@@ -99,10 +99,18 @@ RUN ?= $(RUNS)/demo
 TB_PORT ?= 6006
 .PHONY: pretrain pretrain-submit tensorboard bench-train
 
-pretrain: setup data  ## pretrain configs/cpu_tiny.toml on a local Ray into RUN (default runs/demo; ARGS="optim.lr=1e-3 ..."); rerun to resume
+TAGGER := $(RUNS)/tagger/tagger.safetensors
+.PHONY: tagger
+
+tagger: $(TAGGER)  ## the TAG tagger on the photo shards (frozen ImageNet AlexNet features), scored against the CNN baseline
+
+$(TAGGER): $(DATA_DIR)/shards/manifest.json | $(LPIPS_WEIGHTS)
+	$(BIN)/linearsr tagger train --shards $(DATA_DIR)/shards --out $(basename $@)
+
+pretrain: setup data tagger  ## pretrain configs/cpu_tiny.toml on a local Ray into RUN (default runs/demo; ARGS="optim.lr=1e-3 ..."); rerun to resume
 	$(BIN)/linearsr train --config configs/cpu_tiny.toml --run $(RUN) $(ARGS)
 
-pretrain-submit: setup data  ## the same pretrain as a Ray Job on the `make ray-up` head (prints the job id for `make sidecar JOB=...`)
+pretrain-submit: setup data tagger  ## the same pretrain as a Ray Job on the `make ray-up` head (prints the job id for `make sidecar JOB=...`)
 	$(BIN)/linearsr submit --config configs/cpu_tiny.toml --run $(RUN) $(ARGS)
 
 tensorboard: setup  ## TensorBoard over runs/ on http://127.0.0.1:6006 (TB_PORT=...)
@@ -148,7 +156,7 @@ $(PEERS_LIB)/.done: | $(VENV)/.installed
 STORE ?= local
 .PHONY: demo eval
 
-demo: setup weights data devset peers  ## the whole pipeline: shards -> pretrain + sidecar -> knee -> 4 experts -> bundle -> tagger -> eval report (STORE=s3: against a local S3 server)
+demo: setup weights data devset peers  ## the whole pipeline: shards -> tagger -> pretrain + sidecar -> knee -> 4 experts -> bundle -> eval report with the TAG ablation (STORE=s3: against a local S3 server)
 	$(BIN)/linearsr demo --run $(RUN) --store $(STORE) $(ARGS)
 
 BUNDLE ?= $(RUN)/bundle

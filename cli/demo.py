@@ -1,9 +1,10 @@
 """`linearsr demo` (what `make demo` runs): the whole pipeline on this machine.
 
-    photos -> shards -> local Ray head -> pretrain (a Ray Job, DeepSpeed ZeRO-2, 2 workers)
-    watched by the ESGF sidecar -> knee decision, the pretrain stopped there -> the expert tree
-    (2 halves, then 4 leaves, each level in parallel, Ray Jobs) beside an equal-compute full-range
-    control -> bundle -> TAG tagger -> evaluation with the ablations -> report
+    photos -> shards -> TAG tagger -> local Ray head -> pretrain (a Ray Job, DeepSpeed ZeRO-2,
+    2 workers; every crop tagged by the tagger) watched by the ESGF sidecar -> knee decision, the
+    pretrain stopped there -> the expert tree (2 halves, then 4 leaves, each level in parallel, Ray
+    Jobs) beside an equal-compute full-range control -> bundle (+ the same tagger) -> evaluation
+    with the ablations (TAG: no / shuffled tags, CFG) -> report
 
 The ablation (same photos, seed and sampler; 1-NFE and an N-step grid that runs every leaf):
 bicubic; the pretrain's last checkpoint; the knee checkpoint; the knee fine-tuned once over the
@@ -41,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devset", default="runs/data/devset", help="evaluation photos (`make devset` writes them)")
     parser.add_argument("--eval-steps", type=int, default=10,
                         help="the multi-step setting of the evaluation (raised until it runs every leaf expert)")
-    parser.add_argument("--tagger-steps", type=int, default=300)
     parser.add_argument("--keep-cluster", action="store_true", help="leave the local Ray head running at the end")
     parser.add_argument("overrides", nargs="*", help="config overrides for the pretrain, e.g. run.steps=200")
 
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from linearsr.trainer.export import export_bundle
     from linearsr.core import storage
     from linearsr.trainer.rundir import RunDir, exists, read_json, read_json_or_none, write_json
+    from linearsr.model.tagger import Tagger
     from linearsr.trainer.tagger import add_to_bundle, train_tagger
 
     total = 7
@@ -93,7 +94,17 @@ def run(args: argparse.Namespace) -> int:
         shards, run_url, _ = _s3_setup(args.shards, run_local)
     run = RunDir(run_url)
 
-    _stage(2, total, "local Ray cluster")
+    _stage(2, total, "TAG tagger on the shards' photo tags (frozen ImageNet AlexNet features, thresholds for precision)")
+    tagger_file = os.path.join(run_local, "tagger.safetensors")  # where the pretrain keeps its copy (trainer/tagsource.py)
+    if not os.path.exists(tagger_file.removesuffix(".safetensors") + ".json"):
+        tagger, report = train_tagger(shards)
+        tagger.save(tagger_file)
+        val = report["tagger"]["val"]
+        print(f"tagger: {len(tagger.emitted)} of {len(tagger.vocab)} tags on ({', '.join(tagger.emitted)}); val photos: "
+              f"mean AUC {val['mean_auc']:.3f}, precision {val['precision'] if val['precision'] is not None else '—'}")
+    print(f"tagger: {tagger_file} (every pretrain and expert crop is tagged by it)")
+
+    _stage(3, total, "local Ray cluster")
     state_dir = "runs/ray" if args.store == "local" else "runs/ray-s3demo"
     own_head = local.attach(state_dir) is None
     cluster = local.start(state_dir, num_cpus=max(4, 2 * (os.cpu_count() or 2)))
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle_local = os.path.join(run_local, "bundle")
         if not exists(run.manifest):
-            _stage(3, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers), stopped at the knee")
+            _stage(4, total, "pretrain (Ray Job: linearsr train, DeepSpeed ZeRO-2 on 2 workers), stopped at the knee")
             demo_state_path = os.path.join(run_local, "demo.json")
             demo_state = read_json_or_none(demo_state_path) or {}
             job_id = demo_state.get("pretrain_job")
@@ -110,12 +121,13 @@ def run(args: argparse.Namespace) -> int:
                 job_id = f"demo-pretrain-{uuid.uuid4().hex[:8]}"
                 write_json(demo_state_path, {**demo_state, "pretrain_job": job_id, "run": run_url})
             entry = command("train", "--config", os.path.abspath(args.config), "--run", run_url,
-                            f"data.shards={shards}", "esgf.experts.control=true", *args.overrides)
+                            f"data.shards={shards}", "esgf.experts.control=true", "tags.source=tagger",
+                            f"tags.tagger={tagger_file}", *args.overrides)
             info = jobs.submit(job_id, entry, num_cpus=0)
             print(f"job {job_id} {info.status}\n  follow it:    ray job logs -f {job_id} --address {cluster.jobs_address}"
                   f"\n  TensorBoard:  make tensorboard  (then http://127.0.0.1:6006)")
 
-            _stage(4, total, "ESGF sidecar: knee -> stop the pretrain -> the expert tree (2, then 4 in parallel) "
+            _stage(5, total, "ESGF sidecar: knee -> stop the pretrain -> the expert tree (2, then 4 in parallel) "
                              "beside the equal-compute control")
             wait_for_run(run_url, job_id, cluster.jobs_address, poll_seconds=2)
             rc = Sidecar(run_url, pretrain_job=job_id, ray_address=cluster.jobs_address, poll_seconds=5).watch()
@@ -126,13 +138,13 @@ def run(args: argparse.Namespace) -> int:
             if pretrain is not None and not pretrain.terminal:
                 jobs.wait(job_id)
         else:
-            print(f"\n=== [3-4/{total}] bundle already written at {run.bundle}: pretrain and experts skipped")
+            print(f"\n=== [4-5/{total}] bundle already written at {run.bundle}: pretrain and experts skipped")
         decision, state = read_json(run.decision), read_json(run.state)
         _print_esgf(decision, state)
         if args.store == "s3":  # researchers upscale from a local copy
             storage.download_dir(run.bundle, bundle_local)
 
-        _stage(5, total, "the ablation's controls as 1-expert bundles (EMA weights)")
+        _stage(6, total, "the ablation's controls as 1-expert bundles (EMA weights)")
         compare = {}
         for name, folder, ckpt_url in _controls(run, decision, state):
             out = os.path.join(run_local, folder)
@@ -141,14 +153,11 @@ def run(args: argparse.Namespace) -> int:
             compare[name] = out
             print(f"{name:34s} {out}  <- {ckpt_url}")
 
-        _stage(6, total, "TAG tagger on the shards' tags -> bundle")
         from linearsr.model.bundle import read_manifest
 
-        if not read_manifest(bundle_local).get("tagger"):
-            tagger, scores = train_tagger(shards, steps=args.tagger_steps)
-            add_to_bundle(tagger, bundle_local)
-            print(f"tagger: {len(tagger.vocab)} tags, held-out mean AUC {scores['mean_auc']:.3f}, top-1 precision "
-                  f"{scores['top1_precision']:.2f} (prior {scores['prior_top1_precision']:.2f})")
+        for folder in (bundle_local, *compare.values()):  # the tagger the models were trained with
+            if not read_manifest(folder).get("tagger"):
+                add_to_bundle(Tagger.load(tagger_file), folder)
 
         steps = every_expert_steps(bundle_local, at_least=args.eval_steps)
         _stage(7, total, f"evaluation on {args.devset} (bicubic x4 LR, 1-NFE and {steps}-step, ablations)")

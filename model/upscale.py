@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tags", default=None, help='comma-separated tags for every image, e.g. "cat, grass"')
     parser.add_argument("--tagger", default=None, metavar="MODULE:FUNCTION",
                         help="external tagger: a callable taking a PIL image and returning a list of tags")
-    parser.add_argument("--tag-threshold", type=float, default=0.5, help="probability threshold of the bundle's tagger (default 0.5)")
+    parser.add_argument("--tag-threshold", type=float, default=None,
+                        help="one probability threshold for every tag of the bundle's tagger (default: each tag's own, "
+                             "chosen on held-out photos for precision)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale on the tags (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--tile", type=int, default=256,
@@ -84,6 +86,7 @@ def make_tag_fn(args: argparse.Namespace, up: Upscaler) -> TagFn | None:
     max_tags = up.moe.cfg.max_tags
     if args.tags is not None:
         fixed = normalize_tags(args.tags, max_tags)
+        moe.experts[0].tag_embed.check(fixed)  # an unseen tag: refused (hash) or logged with its nearest (MiniLM)
         return lambda lr: fixed
     if args.tagger:
         external = load_external_tagger(args.tagger)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,6 +155,24 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class TagsConfig:
+    """Where the training samples' tags come from (trainer/tagsource.py)."""
+
+    source: Literal["tagger", "photo"] = "photo"  # tagger: its tags for each sample's own LR crop; photo: the shards' (ablation)
+    tagger: str = ""  # the tagger .safetensors (`linearsr tagger train` writes one); copied into the run at its first start
+
+    def __post_init__(self):
+        if self.source not in ("tagger", "photo"):
+            raise ValueError(f"tags.source must be 'tagger' or 'photo', got {self.source!r}")
+        if self.source == "tagger" and not self.tagger:
+            raise ValueError("tags.source='tagger' needs tags.tagger = a tagger file (`linearsr tagger train --shards "
+                             "SHARDS --out runs/tagger/tagger` writes one), or set tags.source='photo'")
+        check_url("tags.tagger", self.tagger)
+        if self.tagger and "://" not in self.tagger:  # the workers run in another folder
+            object.__setattr__(self, "tagger", os.path.abspath(self.tagger))
+
+
+@dataclass(frozen=True)
 class FaultConfig:
     """Test-only fault injection; every field's default is inert."""
 
@@ -183,6 +202,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tags: TagsConfig = field(default_factory=TagsConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     esgf: dict[str, Any] = field(default_factory=dict)  # the sidecar's table, validated by ckpt_analysis

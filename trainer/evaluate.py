@@ -9,7 +9,8 @@ a note, never faked. Variants (rows; `variants()` lists them, add rows there):
     bicubic                       the baseline, always, same images, same run
     Real-ESRGAN x4plus            with --baseline realesrgan (trainer/peers.py); a note when it cannot run
     <bundle> 1-NFE / N steps      the MoE bundle, tags from its tagger (or none)
-    <bundle> 1-NFE, no tags       the TAG ablation
+    <bundle> 1-NFE / N, no tags / shuffled tags / CFG <s>   the TAG ablation (with a tagger): no tags,
+                                  another image's tags, classifier-free guidance at scale s
     <name>   1-NFE / N steps      every --compare NAME=BUNDLE (e.g. the knee model alone)
 
 Writes OUT/metrics.json, OUT/report.md, OUT/crops/<image>.png (bicubic | peers | 1-NFE | N-step |
@@ -61,13 +62,19 @@ class Variant:
     steps: int = 1
     use_tags: bool = True
     baseline: str | None = None
+    shuffled: bool = False  # the tags of another image (wrong tags)
+    guidance: float | None = None  # None: the evaluation's --guidance
 
 
-def variants(steps: int, has_tagger: bool, compare: list[str], peers: dict[str, object]) -> list[Variant]:
+def variants(steps: int, has_tagger: bool, compare: list[str], peers: dict[str, object],
+             ablation_guidance: float = 3.0) -> list[Variant]:
     rows = [Variant(BICUBIC, baseline="bicubic")] + [Variant(p.name, baseline=key) for key, p in peers.items()]
     rows += [Variant("LinearSR 1-NFE", "bundle", 1), Variant(f"LinearSR {steps}-step", "bundle", steps)]
-    if has_tagger:
-        rows.append(Variant("LinearSR 1-NFE, no tags", "bundle", 1, use_tags=False))
+    if has_tagger:  # the TAG ablation: no tags, another image's tags, stronger classifier-free guidance
+        for n, label in ((1, "1-NFE"), (steps, f"{steps}-step")):
+            rows += [Variant(f"LinearSR {label}, no tags", "bundle", n, use_tags=False),
+                     Variant(f"LinearSR {label}, shuffled tags", "bundle", n, shuffled=True),
+                     Variant(f"LinearSR {label}, CFG {ablation_guidance:g}", "bundle", n, guidance=ablation_guidance)]
     for name in compare:
         rows += [Variant(f"{name} 1-NFE", name, 1), Variant(f"{name} {steps}-step", name, steps)]
     return rows
@@ -213,7 +220,8 @@ def _upscale(v: Variant, models: dict[str, MoE], peers: dict, lr, tags, guidance
         return bicubic_up(lr, models["bundle"].scale), 0, None
     if v.baseline:
         return peers[v.baseline](lr), None, None
-    res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps, guidance=guidance, seed=seed)
+    res = sample(models[v.model], lr[None], [tags if v.use_tags else []], steps=v.steps,
+                 guidance=guidance if v.guidance is None else v.guidance, seed=seed)
     return res.image[0], res.nfe, res.route
 
 
@@ -236,6 +244,7 @@ def evaluate(
     tb: bool = True,
     lr_dir: str | None = None,
     baselines: tuple[str, ...] = (),
+    ablation_guidance: float = 3.0,
 ) -> dict:
     """Run the evaluation and write metrics.json, report.md and crops; returns the metrics dict.
     With `lr_dir` the LR images are real ones from that folder, paired with `hr_dir` by name.
@@ -260,7 +269,7 @@ def evaluate(
             notes.append(str(e))
             log.warning(notes[-1])
     tagger = models["bundle"].tagger
-    rows = variants(steps, tagger is not None, list(compare or {}), peers)
+    rows = variants(steps, tagger is not None, list(compare or {}), peers, ablation_guidance)
     perceptual, skipped = load_perceptual()
     notes += skipped
 
@@ -275,15 +284,18 @@ def evaluate(
     per_image: dict[str, dict[str, dict]] = {}
     routes: dict[str, str] = {}
     grids = []
-    for idx, (stem, hr, real_lr) in enumerate(images):
-        lr = real_lr if real_lr is not None else make_lr(hr, scale, degradation, seed + idx)
-        tags = tagger.predict(lr[None], max_tags=max_tags)[0] if tagger is not None else []
+    lrs = [real_lr if real_lr is not None else make_lr(hr, scale, degradation, seed + idx)
+           for idx, (_, hr, real_lr) in enumerate(images)]
+    image_tags = [tagger.predict(lr[None], max_tags=max_tags)[0] if tagger is not None else [] for lr in lrs]
+    for idx, (stem, hr, _) in enumerate(images):
+        lr, tags = lrs[idx], image_tags[idx]
+        wrong = _wrong_tags(image_tags, idx, tagger, max_tags)
         with torch.no_grad():
             refs = {key: metric.prepare(hr[None]) for key, metric in perceptual.items()}
         results, outputs = {}, {}
         for v in rows:
             start = time.perf_counter()
-            outputs[v.name], nfe, route = _upscale(v, models, peers, lr, tags, guidance, seed + idx)
+            outputs[v.name], nfe, route = _upscale(v, models, peers, lr, wrong if v.shuffled else tags, guidance, seed + idx)
             seconds = time.perf_counter() - start if v.baseline != BICUBIC else 0.0
             results[v.name] = {**_measure(outputs[v.name], hr, scale, perceptual, refs), "seconds": seconds, "nfe": nfe}
             if route is not None and v.name not in routes:  # every image takes the same route: t alone picks the expert
@@ -312,6 +324,15 @@ def evaluate(
     if tb:
         _log_tensorboard(out / "tb", grids, summary)
     return metrics
+
+
+def _wrong_tags(image_tags: list[list[str]], idx: int, tagger, max_tags: int) -> list[str]:
+    """Shuffled tags for image idx: the next image's tags that differ from its own; else the
+    tagger's tags it does not have."""
+    others = [t for t in image_tags[idx + 1:] + image_tags[:idx] if t and t != image_tags[idx]]
+    if others:
+        return others[0]
+    return [t for t in (tagger.emitted if tagger is not None else []) if t not in image_tags[idx]][:max_tags]
 
 
 def _quality_checks(summary: dict, steps: int, peers: dict) -> dict:
@@ -443,6 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another SR system as a row: realesrgan (Real-ESRGAN x4plus on the CPU, `make peers`); "
                              "skipped with a note when it cannot run here (repeatable)")
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--ablation-guidance", type=float, default=3.0,
+                        help="the stronger classifier-free guidance scale of the TAG ablation (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (sorted by name)")
     parser.add_argument("--no-tb", action="store_true", help="do not write TensorBoard events")
@@ -465,7 +488,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {os.path.join(args.out, 'report.md')}")
         return 0
     metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
-                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr, baselines=tuple(args.baseline))
+                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr, baselines=tuple(args.baseline),
+                       ablation_guidance=args.ablation_guidance)
     base, one = metrics["summary"][BICUBIC], metrics["summary"]["LinearSR 1-NFE"]
     print(f"bicubic {base['psnr_y']:.2f} dB, LinearSR 1-NFE {one['psnr_y']:.2f} dB "
           f"({one['psnr_y'] - base['psnr_y']:+.2f}) on {metrics['num_images']} images")

@@ -87,7 +87,9 @@ class Trainer:
 
     def build(self) -> None:
         from linearsr.model.network import LinearSR
+        from linearsr.trainer.tagsource import open_tag_source
 
+        self.cfg, self.tags = open_tag_source(self.cfg, self.run_url, self.rank, self.device)  # model.tag_set, the run's tagger
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = LinearSR(cfg.model)
@@ -216,6 +218,7 @@ class Trainer:
         self.pending = [filler]
         val_loader = make_val_loader(self.cfg.data, self.rank, self.world)
         self.val_batches = collect(val_loader, self.model, self.cfg.validation.max_batches, filler, self.device)
+        self.tags.relabel(self.val_batches)  # held-out batches get the tags training gives
         self.val_retries = val_loader.retries  # made in its worker processes (which end here)
         if self.rank_state is not None:  # last: setting the loaders up draws from torch's RNG (DataLoader seeds)
             ckpt.restore_rank_state(self.rank_state, self.gen)
@@ -260,7 +263,7 @@ class Trainer:
             t = cfg.flow.sample_t(hr.shape[0], self.interval or FULL_RANGE, generator=self.gen)
             self.t_seen[0] = min(self.t_seen[0], float(t.min()))
             self.t_seen[1] = max(self.t_seen[1], float(t.max()))
-            loss = engine(hr, lr, batch["tags"], t.to(self.device)).mean()
+            loss = engine(hr, lr, self.tags(batch), t.to(self.device)).mean()
             if cfg.faults.nan_at_step and self.step + 1 >= cfg.faults.nan_at_step:
                 loss = loss * math.nan  # injected divergence: recorded, never hidden
             engine.backward(loss)

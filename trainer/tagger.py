@@ -1,10 +1,16 @@
-"""`linearsr tagger train`: fit the small TAG tagger on the tags stored in the shards.
+"""`linearsr tagger train|eval`: the TAG tagger on frozen ImageNet features, against the CNN baseline.
 
-Every train photo is decoded once and made LR (bicubic); training sees random views of those
-LR images (the whole LR image is what the tagger gets at upscale time); the held-out score is measured on the val split, whose photos the tagger never saw:
-mean per-tag ROC-AUC (chance = 0.5) and top-1 precision against the prior (always guessing
-the most frequent tag). With `--bundle DIR` the tagger is written into the bundle and the
-manifest's "tagger" field is set, so `linearsr upscale` uses it when no --tags is given."""
+    linearsr tagger train --shards runs/data/shards --out runs/tagger/tagger [--bundle DIR]
+    linearsr tagger eval  --shards runs/data/shards --tagger runs/tagger/tagger.safetensors
+    linearsr tagger bench --tagger runs/tagger/tagger.safetensors
+
+train: the head is fitted on the train photos' tags (trainer/tagger_fit.py), per-tag thresholds
+are chosen out of fold for precision, and the tagger is written (PREFIX.safetensors + .json; with
+`--bundle DIR` into the bundle, whose manifest then names it). Both commands print, per tag,
+the held-out precision / recall and AUC on the val photos (which neither tagger saw, through the
+same windows-and-pool path `linearsr upscale` uses) and the out-of-fold ones on the train photos,
+beside the CNN baseline (model/tagger.py's CNNTagger: whole LR image, trained from scratch)
+fitted and scored the same way on the same split (`--no-baseline` skips it)."""
 
 from __future__ import annotations
 
@@ -12,132 +18,202 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 import torch.nn.functional as F
 
 from linearsr.data.degrade import bicubic_down, modcrop
 from linearsr.data.reader import Stats, decode, iter_samples
-from linearsr.data.shards import read_manifest
 from linearsr.model.bundle import read_manifest as read_bundle_manifest, write_bundle
-from linearsr.model.tagger import Tagger
+from linearsr.model.tagger import DEGRADATION, OBJECT, CNNTagger, Tagger, lse_pool
+from linearsr.trainer.tagger_fit import (DEGRADATION_TAGS, FitConfig, crop_features, degradation_crops,
+                                         degraded_features, fit_head, out_of_fold, precision_thresholds, tag_report)
 
 log = logging.getLogger(__name__)
 
 
-def shard_tag_counts(shards: str) -> dict[str, int]:
-    """How many samples carry each tag, from the shard manifest (no image decoding)."""
-    counts = read_manifest(shards).get("tags") or {}
-    if not counts:
-        raise ValueError(f"the shards at {shards} carry no tags; rebuild them with `linearsr shards build --tags FILE`")
-    return counts
-
-
-def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve of one tag (rank statistic, ties averaged). NaN without both classes."""
-    pos, neg = int(labels.sum()), int((1 - labels).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = torch.argsort(scores)
-    ranks = torch.empty_like(scores, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    for value in torch.unique(scores):  # average ranks of ties
-        tie = scores == value
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return float((ranks[labels.bool()].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-@torch.no_grad()
-def held_out_scores(tagger: Tagger, val_batches, prior_top: str) -> dict:
-    logits, targets = [], []
-    for batch in val_batches:
-        logits.append(tagger(batch["lr"]))
-        targets.append(tagger.targets(batch["tags"]))
-    if not logits:
-        raise ValueError("the val split yielded no samples; rebuild the shards with a larger --val-fraction")
-    s, y = torch.cat(logits), torch.cat(targets)
-    aucs = [roc_auc(s[:, j], y[:, j]) for j in range(y.shape[1])]
-    aucs = [a for a in aucs if a == a]
-    top1 = s.argmax(1)
-    has_tags = y.sum(1) > 0
-    precision = float(y[torch.arange(len(y)), top1][has_tags].mean()) if has_tags.any() else float("nan")
-    prior_idx = tagger.index[prior_top]
-    prior_precision = float(y[has_tags, prior_idx].mean()) if has_tags.any() else float("nan")
-    return {"samples": len(y), "mean_auc": sum(aucs) / len(aucs) if aucs else float("nan"), "tags_scored": len(aucs),
-            "top1_precision": precision, "prior_top1_precision": prior_precision}
-
-
-def load_split(shards: str, split: str, scale: int, max_side: int) -> list[tuple[torch.Tensor, list[str]]]:
-    """Every sample of a split as (LR image [3, h, w] in [0, 1], tags): decoded once, bicubic
-    x1/scale from the HR (after shrinking the HR to `max_side`), kept in memory (the tagger is small)."""
+def load_photos(shards: str, split: str) -> list[tuple[torch.Tensor, list[str]]]:
+    """Every photo of a split as (HR [3, H, W] uint8, its tags), decoded once."""
     stats = Stats()
     out = []
     for sample in iter_samples(shards, split, stats=stats):
         decoded = decode(sample, stats, max_tags=64)
-        if decoded is None:
-            continue
-        hr = torch.from_numpy(decoded[0].copy()).permute(2, 0, 1).float() / 255
-        shrink = max(hr.shape[1:]) / max_side
-        if shrink > 1:
-            hr = F.interpolate(hr[None], scale_factor=1 / shrink, mode="bicubic", antialias=True)[0].clamp(0, 1)
-        out.append((bicubic_down(modcrop(hr, scale), scale), decoded[1]))
+        if decoded is not None:
+            out.append((torch.from_numpy(decoded[0].copy()).permute(2, 0, 1).contiguous(), decoded[1]))
     if stats.skips:
         log.warning("tagger: %s samples of the %s split skipped: %s", sum(stats.skips.values()), split, dict(stats.skips))
     return out
 
 
-def random_view(lr: torch.Tensor, g: torch.Generator, min_frac: float = 0.5) -> torch.Tensor:
-    """A random crop covering min_frac..1 of each side, randomly flipped."""
-    h, w = lr.shape[1:]
-    ch = int(h * (min_frac + (1 - min_frac) * torch.rand((), generator=g)))
-    cw = int(w * (min_frac + (1 - min_frac) * torch.rand((), generator=g)))
-    top = int(torch.randint(0, h - ch + 1, (), generator=g))
-    left = int(torch.randint(0, w - cw + 1, (), generator=g))
-    view = lr[:, top:top + ch, left:left + cw]
-    return view.flip(-1) if torch.rand((), generator=g) < 0.5 else view
+def labels_of(tag_lists: list[list[str]], vocab: list[str]) -> torch.Tensor:
+    """Multi-hot [N, V]; tags outside the vocabulary are ignored."""
+    index = {t: i for i, t in enumerate(vocab)}
+    y = torch.zeros(len(tag_lists), len(vocab))
+    for n, tags in enumerate(tag_lists):
+        for t in tags:
+            if t in index:
+                y[n, index[t]] = 1.0
+    return y
 
 
-def train_tagger(shards: str, steps: int = 400, scale: int = 4, batch_size: int = 16, lr: float = 2e-3,
-                 seed: int = 0, min_count: int = 2, max_side: int = 1024) -> tuple[Tagger, dict]:
-    """Fit the tagger on the train split's tags; score it on the val split (photos it never saw)."""
-    torch.manual_seed(seed)
-    counts = shard_tag_counts(shards)
-    vocab = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
-    if not vocab:
-        raise ValueError(f"no tag occurs on at least {min_count} photos in the shards at {shards}; nothing to learn")
-    start = time.perf_counter()
-    train, val = load_split(shards, "train", scale, max_side), load_split(shards, "val", scale, max_side)
+def new_tagger(vocab: list[str], cfg: FitConfig, weights: str | None = None, kinds: list[str] | None = None) -> Tagger:
+    """A tagger whose backbone holds the ImageNet AlexNet convs (`make weights` writes them)."""
+    from safetensors.torch import load_file
+
+    from linearsr.trainer.quality import lpips_weights_path
+
+    path = lpips_weights_path(weights)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"the tagger's ImageNet AlexNet weights are not at {path}; run `make weights`")
+    tagger = Tagger(vocab, kinds, crop=cfg.crop, upsample=cfg.scale, pool_r=cfg.pool_r)
+    state = load_file(path)
+    tagger.backbone.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+    return tagger
+
+
+def split_photos(shards: str, cfg: FitConfig):
+    train, val = load_photos(shards, "train"), load_photos(shards, "val")
     if not train:
-        raise ValueError(f"the shards at {shards} have no readable train samples")
+        raise ValueError(f"the shards at {shards} have no readable train photos")
     if not val:
-        raise ValueError(f"the shards at {shards} have no val samples to score the tagger on; rebuild with --val-fraction > 0")
-    tagger = Tagger(vocab)
-    size = tagger.image_size
-    opt = torch.optim.AdamW(tagger.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, len(train), (batch_size,), generator=g).tolist()
-        views = [F.interpolate(random_view(train[i][0], g)[None], size=(size, size), mode="bilinear",
-                               antialias=True, align_corners=False)[0] for i in idx]
-        loss = tagger.loss(torch.stack(views), [train[i][1] for i in idx])
+        raise ValueError(f"the shards at {shards} have no val photos to score the tagger on; rebuild with --val-fraction > 0")
+    counts = Counter(t for _, tags in train for t in set(tags))
+    vocab = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= cfg.min_count]
+    if not vocab:
+        raise ValueError(f"no tag is on {cfg.min_count} or more train photos of {shards}; nothing to learn")
+    return train, val, vocab
+
+
+def whole_lr(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    return bicubic_down(modcrop(hr.float() / 255, scale), scale)
+
+
+@torch.no_grad()
+def val_logits(tagger: Tagger, val: list) -> torch.Tensor:
+    """[N, V] pooled logits of the val photos, through the path `linearsr upscale` takes (the
+    tagger upsamples its LR by the SR scale it was trained for)."""
+    return torch.stack([tagger.image_logits(whole_lr(hr, tagger.upsample)) for hr, _ in val])
+
+
+def fit_tagger(train: list, vocab: list[str], cfg: FitConfig, weights: str | None = None) -> tuple[Tagger, dict]:
+    """The tagger fitted on all train photos, its thresholds chosen out of fold; and the
+    out-of-fold reports (object tags per photo; degradation tags per crop)."""
+    deg_tags = list(DEGRADATION_TAGS) if cfg.degraded_crops else []
+    tagger = new_tagger(vocab + deg_tags, cfg, weights, [OBJECT] * len(vocab) + [DEGRADATION] * len(deg_tags))
+    hrs = [hr for hr, _ in train]
+    feats, y = crop_features(tagger, hrs, cfg), labels_of([tags for _, tags in train], vocab)
+    deg = degraded_features(tagger, hrs, cfg, seed=cfg.seed + 1) if deg_tags else None
+
+    def fit(idx):
+        fit_head(tagger, feats[idx], y[idx], cfg, (deg[0][idx], deg[1][idx]) if deg else None)
+        return {k: v.clone() for k, v in tagger.state_dict().items() if not k.startswith("backbone.")}
+
+    def score(state, idx):
+        tagger.load_state_dict(state, strict=False)
+        out = []
+        with torch.no_grad():
+            for i in idx:
+                d_feats, d_labels = degradation_crops(feats[i:i + 1], (deg[0][i:i + 1], deg[1][i:i + 1])) if deg else (None, None)
+                out.append((lse_pool(tagger.head_logits(feats[i])[:, :len(vocab)], cfg.pool_r),
+                            (tagger.head_logits(d_feats)[:, len(vocab):], d_labels) if deg else None))
+        return out
+
+    oof = out_of_fold(len(train), cfg, fit, score)
+    obj = torch.stack([o for o, _ in oof])
+    thresholds = precision_thresholds(obj, y, cfg.precision, cfg.min_hits)
+    report = {"cv": tag_report(vocab, obj, y, thresholds)}
+    if deg:
+        d_scores, d_labels = torch.cat([d[0] for _, d in oof]), torch.cat([d[1] for _, d in oof])
+        d_thresholds = precision_thresholds(d_scores, d_labels, cfg.degradation_precision, cfg.min_hits)
+        report["degradation_cv"] = tag_report(deg_tags, d_scores, d_labels, d_thresholds)
+        thresholds += d_thresholds
+    fit_head(tagger, feats, y, cfg, deg)
+    tagger.thresholds.copy_(torch.tensor(thresholds))
+    return tagger.eval(), report
+
+
+def fit_cnn(train: list, vocab: list[str], cfg: FitConfig, batch_size: int = 16, lr: float = 2e-3) -> CNNTagger:
+    """The baseline as it was trained before: random views (0.5..1 of each side, flipped) of the whole LR photos."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    net = CNNTagger(len(vocab))
+    images = [whole_lr(hr, cfg.scale) for hr, _ in train]
+    y = labels_of([tags for _, tags in train], vocab)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.baseline_steps, pct_start=0.1)
+    size = net.image_size
+    for _ in range(cfg.baseline_steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g).tolist()
+        views = []
+        for i in idx:
+            h, w = images[i].shape[1:]
+            ch, cw = (int(s * (0.5 + 0.5 * float(torch.rand((), generator=g)))) for s in (h, w))
+            top, left = int(torch.randint(0, h - ch + 1, (), generator=g)), int(torch.randint(0, w - cw + 1, (), generator=g))
+            v = images[i][:, top:top + ch, left:left + cw]
+            v = v.flip(-1) if torch.rand((), generator=g) < 0.5 else v
+            views.append(F.interpolate(v[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
+        loss = F.binary_cross_entropy_with_logits(net(torch.stack(views)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log.info("tagger step %d/%d: loss %.4f", step + 1, steps, sum(losses[-100:]) / len(losses[-100:]))
-    tagger.eval()
-    val_batches = [{"lr": lr_img[None], "tags": [tags]} for lr_img, tags in val]
-    scores = held_out_scores(tagger, val_batches, vocab[0])
-    scores.update(vocab_size=len(vocab), steps=steps, train_samples=len(train), train_loss_first=losses[0],
-                  train_loss_last=sum(losses[-20:]) / len(losses[-20:]), seconds=time.perf_counter() - start)
-    return tagger, scores
+    return net.eval()
+
+
+def cnn_baseline(train: list, val: list, vocab: list[str], cfg: FitConfig) -> dict:
+    """The CNN fitted and scored like the tagger: thresholds out of fold, then val."""
+    y = labels_of([tags for _, tags in train], vocab)
+
+    def score(net, idx):
+        with torch.no_grad():
+            return torch.cat([net(whole_lr(train[i][0], cfg.scale)[None]) for i in idx])
+
+    oof = torch.stack(out_of_fold(len(train), cfg, lambda idx: fit_cnn([train[i] for i in idx], vocab, cfg), score))
+    thresholds = precision_thresholds(oof, y, cfg.precision, cfg.min_hits)
+    net = fit_cnn(train, vocab, cfg)
+    with torch.no_grad():
+        val_scores = torch.cat([net(whole_lr(hr, cfg.scale)[None]) for hr, _ in val])
+    return {"cv": tag_report(vocab, oof, y, thresholds),
+            "val": tag_report(vocab, val_scores, labels_of([t for _, t in val], vocab), thresholds)}
+
+
+def evaluate_tagger(tagger: Tagger, val: list, cfg: FitConfig) -> dict:
+    """The val photos: object tags per photo (windows pooled, as upscale does); degradation tags
+    per crop, on bicubic crops and crops through the realistic degradation (seeds no training used)."""
+    obj = [i for i, k in enumerate(tagger.kinds) if k == OBJECT]
+    deg = [i for i, k in enumerate(tagger.kinds) if k == DEGRADATION]
+    names, th = tagger.vocab, tagger.thresholds.tolist()
+    report = {"val": tag_report([names[i] for i in obj], val_logits(tagger, val)[:, obj],
+                                labels_of([t for _, t in val], [names[i] for i in obj]), [th[i] for i in obj])}
+    if deg:
+        hrs = [hr for hr, _ in val]
+        seed = cfg.seed + 2
+        d_feats, d_labels = degradation_crops(crop_features(tagger, hrs, replace(cfg, seed=seed)),
+                                              degraded_features(tagger, hrs, cfg, seed=seed + 1))
+        with torch.no_grad():
+            scores = tagger.head_logits(d_feats)[:, deg]
+        report["degradation_val"] = tag_report([names[i] for i in deg], scores, d_labels, [th[i] for i in deg])
+    return report
+
+
+def train_tagger(shards: str, cfg: FitConfig = FitConfig(), baseline: bool = False,
+                 weights: str | None = None) -> tuple[Tagger, dict]:
+    """Fit the tagger on the train photos of `shards`; score it (and the CNN baseline) on the val photos."""
+    start = time.perf_counter()
+    train, val, vocab = split_photos(shards, cfg)
+    tagger, cv = fit_tagger(train, vocab, cfg, weights)
+    report = {"tagger": {**cv, **evaluate_tagger(tagger, val, cfg)}, "train_photos": len(train),
+              "val_photos": len(val), "vocab": vocab, "precision_target": cfg.precision,
+              "degradation_precision_target": cfg.degradation_precision}
+    report["seconds"] = time.perf_counter() - start
+    if baseline:
+        report["cnn"] = cnn_baseline(train, val, vocab, cfg)
+    tagger.meta = {"precision_target": cfg.precision, "degradation_precision_target": cfg.degradation_precision,
+                   "trained_on": shards, "held_out": report["tagger"]}
+    return tagger, report
 
 
 def add_to_bundle(tagger: Tagger, bundle_dir: str) -> Path:
@@ -148,31 +224,138 @@ def add_to_bundle(tagger: Tagger, bundle_dir: str) -> Path:
     return weights
 
 
+def _fmt(x, spec: str = ".2f") -> str:
+    return "—" if x is None or x != x else format(x, spec)
+
+
+def render(report: dict) -> str:
+    """The per-tag table (val photos; out-of-fold train photos) and the summary lines."""
+    models = [m for m in ("tagger", "cnn") if m in report]
+    lines = [f"held-out tags: {report['val_photos']} val photos (never seen) and {report['train_photos']} train photos "
+             f"out of fold; a tag is on where its out-of-fold precision reached {report['precision_target']}", ""]
+    head = "| tag | val support |" + "".join(f" {m} on | {m} val P / R | {m} val AUC | {m} cv P / R |" for m in models)
+    lines += [head, "|---" * (2 + 4 * len(models)) + "|"]
+    for tag in report["vocab"]:
+        cells = [tag, str(report["tagger"]["val"]["per_tag"][tag]["support"])]
+        for m in models:
+            v = report[m]["val"]["per_tag"][tag]
+            c = report[m]["cv"]["per_tag"][tag] if report[m].get("cv") else {"precision": None, "recall": None}
+            cells += ["yes" if v["on"] else "no", f"{_fmt(v['precision'])} / {_fmt(v['recall'])}", _fmt(v["auc"]),
+                      f"{_fmt(c['precision'])} / {_fmt(c['recall'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = report["tagger"]
+    if "degradation_val" in t:
+        v, c = t["degradation_val"], t.get("degradation_cv")
+        lines += ["", f"degradation tags, per crop ({v['items']} val-photo crops, bicubic and through the realistic degradation; "
+                      f"on where the out-of-fold precision reached {report.get('degradation_precision_target')}):",
+                  "", "| tag | crops with it | on | val P / R | val accuracy | val AUC | cv P / R |", "|---" * 7 + "|"]
+        for tag, r in v["per_tag"].items():
+            cv = c["per_tag"][tag] if c else {"precision": None, "recall": None}
+            lines.append(f"| {tag} | {r['support']} | {'yes' if r['on'] else 'no'} | {_fmt(r['precision'])} / "
+                         f"{_fmt(r['recall'])} | {_fmt(r['accuracy'])} | {_fmt(r['auc'])} | {_fmt(cv['precision'])} / "
+                         f"{_fmt(cv['recall'])} |")
+        accuracy = sum(r["accuracy"] for r in v["per_tag"].values()) / len(v["per_tag"])
+        lines += ["", f"degradation tags on val crops: mean accuracy {accuracy:.3f}, mean AUC {_fmt(v['mean_auc'], '.3f')}, "
+                      f"precision {_fmt(v['precision'])}, recall {_fmt(v['recall'])}"]
+    lines.append("")
+    for m in models:
+        for part in ("val", "cv"):
+            r = report[m].get(part)
+            if r is None:
+                continue
+            lines.append(f"{m:6s} {part:3s}: mean AUC {_fmt(r['mean_auc'], '.3f')} over {r['tags_scored']} tags; emitted tags: "
+                         f"precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}; {r['tags_on']} of "
+                         f"{len(report['vocab'])} tags on")
+    return "\n".join(lines)
+
+
+def bench(tagger: Tagger, rounds: int = 20, batch_size: int = 8, crop: int = 96) -> dict:
+    """Seconds per call of the tagger on a training batch of LR crops against one training step of
+    the cpu_tiny model on the same batch, interleaved in this process (the cost tags.source=tagger adds)."""
+    from linearsr.model.config import ModelConfig
+    from linearsr.model.network import LinearSR
+
+    model = LinearSR(ModelConfig.preset("cpu_tiny", tag_set=tuple(tagger.emitted)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    hr = torch.rand(batch_size, 3, crop, crop)
+    lr = bicubic_down(hr, model.cfg.scale)
+    times = {"tagger": [], "train_step": []}
+    for i in range(rounds + 2):  # the first two warm up
+        t0 = time.perf_counter()
+        tags = tagger.tag_crops(lr, model.cfg.max_tags)
+        t1 = time.perf_counter()
+        loss = model.loss(hr, lr, tags, torch.rand(batch_size)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times["tagger"].append(t1 - t0)
+            times["train_step"].append(time.perf_counter() - t1)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {**med, "ratio": med["tagger"] / med["train_step"], "threads": torch.get_num_threads(), "batch": batch_size}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["train"], help="train: fit the tagger on the shards' tags")
-    parser.add_argument("--shards", required=True, help="shard root URL (folder or s3://…) with tags in its samples")
-    parser.add_argument("--out", help="output prefix (writes PREFIX.safetensors + PREFIX.json)")
-    parser.add_argument("--bundle", help="write the tagger into this bundle folder and update its manifest")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("action", choices=["train", "eval", "bench"],
+                        help="train: fit and write a tagger; eval: score one; bench: its cost beside a training step")
+    parser.add_argument("--shards", help="train, eval: shard root URL (folder or s3://…) with tags in its samples")
+    parser.add_argument("--out", help="train: output prefix (writes PREFIX.safetensors + PREFIX.json)")
+    parser.add_argument("--bundle", help="train: write the tagger into this bundle folder and update its manifest")
+    parser.add_argument("--tagger", help="eval, bench: the tagger .safetensors to score or time")
+    parser.add_argument("--precision", type=float, default=FitConfig.precision,
+                        help=f"held-out precision an object tag must reach to be emitted (default {FitConfig.precision}; "
+                             "the photo tags are incomplete, so this is a lower bound)")
+    parser.add_argument("--degradation-precision", type=float, default=FitConfig.degradation_precision,
+                        help=f"the same for the degradation tags, whose labels are exact (default {FitConfig.degradation_precision})")
+    parser.add_argument("--crops-per-photo", type=int, default=FitConfig.crops_per_photo,
+                        help=f"random training crops per photo (default {FitConfig.crops_per_photo})")
+    parser.add_argument("--degraded-crops", type=int, default=FitConfig.degraded_crops,
+                        help=f"crops per photo through the realistic degradation, for the degradation tags (default "
+                             f"{FitConfig.degraded_crops}; 0 = no degradation tags)")
+    parser.add_argument("--steps", type=int, default=FitConfig.steps, help=f"head training steps (default {FitConfig.steps})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baseline", action="store_true", help="do not fit and score the CNN baseline")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.out and not args.bundle:
-        raise ValueError("say where the tagger goes: --out PREFIX or --bundle DIR")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.bundle:
-        read_bundle_manifest(args.bundle)  # fail before training when the bundle is not there
-    tagger, scores = train_tagger(args.shards, args.steps, args.scale, args.batch_size, seed=args.seed)
-    paths = []
-    if args.out:
-        paths.append(tagger.save(args.out))
-    if args.bundle:
-        paths.append(add_to_bundle(tagger, args.bundle))
-    print(json.dumps(scores, indent=2))
-    print(f"tagger: {', '.join(map(str, paths))} ({len(tagger.vocab)} tags; held-out mean AUC {scores['mean_auc']:.3f}, "
-          f"top-1 precision {scores['top1_precision']:.2f} vs prior {scores['prior_top1_precision']:.2f})")
+    if args.action == "bench":
+        if not args.tagger:
+            raise ValueError("say which tagger to time: --tagger FILE.safetensors")
+        r = bench(Tagger.load(args.tagger))
+        print(f"tagger on {r['batch']} LR crops: {1000 * r['tagger']:.1f} ms; cpu_tiny training step on the same batch: "
+              f"{1000 * r['train_step']:.1f} ms; ratio {r['ratio']:.2f} (medians, {r['threads']} threads, interleaved)")
+        return 0
+    if not args.shards:
+        raise ValueError(f"tagger {args.action} needs --shards (the shard root with the photo tags)")
+    cfg = FitConfig(precision=args.precision, degradation_precision=args.degradation_precision, seed=args.seed, crops_per_photo=args.crops_per_photo, steps=args.steps,
+                    degraded_crops=args.degraded_crops)
+    if args.action == "train":
+        if not args.out and not args.bundle:
+            raise ValueError("say where the tagger goes: --out PREFIX or --bundle DIR")
+        if args.bundle:
+            read_bundle_manifest(args.bundle)  # fail before training when the bundle is not there
+        tagger, report = train_tagger(args.shards, cfg, baseline=not args.no_baseline)
+        paths = ([tagger.save(args.out)] if args.out else []) + ([add_to_bundle(tagger, args.bundle)] if args.bundle else [])
+        where = ", ".join(map(str, paths))
+    else:
+        if not args.tagger:
+            raise ValueError("say which tagger to score: --tagger FILE.safetensors")
+        tagger = Tagger.load(args.tagger)
+        train, val, _ = split_photos(args.shards, cfg)
+        trained = tagger.meta.get("held_out", {})
+        vocab = [t for t, k in zip(tagger.vocab, tagger.kinds) if k == OBJECT]
+        report = {"tagger": {**{k: v for k, v in trained.items() if k.endswith("cv")}, **evaluate_tagger(tagger, val, cfg)},
+                  "train_photos": len(train), "val_photos": len(val), "vocab": vocab,
+                  "precision_target": tagger.meta.get("precision_target"),
+                  "degradation_precision_target": tagger.meta.get("degradation_precision_target")}
+        if not args.no_baseline:
+            report["cnn"] = cnn_baseline(train, val, vocab, cfg)
+        where = args.tagger
+    print(render(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    val = report["tagger"]["val"]
+    print(f"tagger: {where} ({len(tagger.emitted)} of {len(tagger.vocab)} tags on; val mean AUC {_fmt(val['mean_auc'], '.3f')}"
+          + (f" vs CNN {_fmt(report['cnn']['val']['mean_auc'], '.3f')}" if "cnn" in report else "") + ")")
     return 0

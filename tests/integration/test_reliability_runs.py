@@ -40,6 +40,7 @@ TINY = [  # cpu_tiny on 32 px crops, one DeepSpeed worker of half a CPU (as test
     "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "validation.image_every=0",
     "flow.val_points_per_interval=2", "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
     "cluster.num_workers=1", "cluster.cpus_per_worker=0.5", "checkpoint.every=10", "cluster.max_failures=2",
+    "tags.source=photo",  # the shards' own tags: these tests are about training, not the tagger
 ]
 FAKE_KEY_ID = "AKIAFAKESECRET0123456"
 FAKE_SECRET = "fakeSecretValue/xyz+Q9w8e7r6t5y4u3i2o1p0LkJh"

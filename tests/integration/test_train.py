@@ -28,6 +28,7 @@ SMALL = [  # cpu_tiny, smaller batches and validation so a step takes ~0.1 s
     "validation.every=10", "validation.max_batches=1", "validation.sample_steps=2", "flow.val_points_per_interval=2",
     "optim.lr=2e-3", "optim.warmup_steps=5", "run.log_every=10",
     "flow.split=lambda", "optim.schedule=cosine", "optim.min_lr=1e-4",  # the intervals and schedule tested below
+    "tags.source=photo",  # the shards' own tags: these tests are about training, not the tagger
 ]
 SAMPLES_PER_STEP = 4 * 2  # batch x workers
 

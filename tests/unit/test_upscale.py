@@ -102,8 +102,9 @@ def test_tags_from_flag_bundle_tagger_and_external_tagger(tmp_path, bundle, astr
                    "--guidance", "2") == 0
     assert "tags: person, space" in caplog.text
     # a bundle with a tagger: used when no --tags is given
-    tagger = Tagger(["astronaut", "cat"], width=8)
+    tagger = Tagger(["astronaut", "cat"])
     with torch.no_grad():
+        tagger.head.weight.zero_()
         tagger.head.bias.copy_(torch.tensor([5.0, -5.0]))
     tagger.save(bundle / "tagger")
     write_bundle(bundle, [{"interval": "-inf,inf", "weights": "expert_0.safetensors"}], CFG, tagger="tagger.safetensors")
