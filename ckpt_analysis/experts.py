@@ -28,18 +28,15 @@ from linearsr.ckpt_analysis.config import ESGFConfig
 from linearsr.ckpt_analysis.decision import curve_from_records
 from linearsr.ckpt_analysis.knee import detect_divergence
 from linearsr.ckpt_analysis.state import State
-from linearsr.cluster.jobs import Jobs, JobInfo
+from linearsr.cluster.jobs import FORWARD_ENV, JobInfo, Jobs
 from linearsr.core import storage
+from linearsr.core.storage import read_json
 from linearsr.model.flow import Interval, check_partition
-from linearsr.trainer.rundir import RunDir, read_json
+from linearsr.trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# environment a job needs to reach the same storage; credentials are never forwarded
-# (a cluster node has its own), so they cannot leak into Ray's job records
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED")
 
 
 @dataclass(frozen=True)

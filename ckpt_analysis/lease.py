@@ -8,8 +8,9 @@ one sentence naming the holder. A heartbeat thread renews it every `seconds / 3`
 conditional overwrite (S3: If-Match the ETag it last wrote). A lease whose `expires_at` has passed
 (its sidecar was killed or lost the storage) is taken over by the next sidecar, which resumes from
 analysis/state.json; so is, at once, a lease whose holder ran on this host under a process id
-that is no longer alive (a sidecar killed here and restarted here need not wait out the lease). A holder that finds its lease taken over stops acting (`check()` raises
-`LeaseLost`) instead of submitting jobs beside the new holder.
+that is no longer alive (a sidecar killed here and restarted here need not wait out the lease).
+A holder that finds its lease taken over stops acting (`check()` raises `LeaseLost`) instead of
+submitting jobs beside the new holder.
 
 Expiry compares wall clocks of different machines: keep them in sync (NTP) and `seconds` well
 above their skew."""
@@ -24,6 +25,7 @@ import time
 import uuid
 
 from linearsr.core import storage
+from linearsr.core.util import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,7 @@ def _dead_here(record: dict) -> bool:
     pid = record.get("pid")
     if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not pid_alive(pid)
 
 
 class Lease:

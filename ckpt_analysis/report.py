@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from linearsr.ckpt_analysis.decision import Analysis
 from linearsr.core import storage
-from linearsr.trainer.rundir import RunDir, dumps, is_local, join, local_path, read_metrics, write_bytes_atomic
+from linearsr.core.storage import dumps, is_local, join, local_path, write_bytes_atomic
+from linearsr.trainer.rundir import RunDir, read_metrics
 
 log = logging.getLogger(__name__)
 

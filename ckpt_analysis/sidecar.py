@@ -36,8 +36,9 @@ from linearsr.ckpt_analysis.state import State
 from linearsr.ckpt_analysis.tree import TreeRun
 from linearsr.cluster.jobs import Jobs
 from linearsr.core import storage
+from linearsr.core.storage import exists, is_local, local_path, read_json, read_json_or_none, write_json
 from linearsr.trainer import checkpoint as ckpt
-from linearsr.trainer.rundir import RunDir, exists, is_local, local_path, read_json, read_json_or_none, write_json
+from linearsr.trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class Sidecar:
 
     def _compare_code(self, ckpt_url: str) -> None:
         """The expert jobs carry this sidecar's linearsr; say so when the pretrain ran other code."""
-        from linearsr.codeid import code_id
+        from linearsr.core.codeid import code_id
         from linearsr.trainer.checkpoint import read_meta
 
         try:

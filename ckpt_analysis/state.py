@@ -27,7 +27,8 @@ import logging
 import time
 from typing import Any
 
-from linearsr.trainer.rundir import RunDir, read_json_or_none, write_json
+from linearsr.core.storage import read_json_or_none, write_json
+from linearsr.trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The `linearsr` command. Each subcommand lives in the module that owns it and is imported
+"""The `linearsr` command. Each subcommand is a module of linearsr.commands (linearsr.dev for the
+demo, linearsr.bench for the benchmarks) over the functions of a stage package, imported
 only when used, so `linearsr upscale` does not pay for importing Ray or DeepSpeed.
 
 A subcommand module provides `add_arguments(parser)` and `run(args) -> int`."""
@@ -12,17 +13,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("linearsr.demo", "the whole pipeline on this machine: data, pretrain, knee, experts, tagger, eval"),
-    "shards": ("linearsr.data.cli", "build WebDataset shards from an image folder (local or s3://)"),
-    "train": ("linearsr.cluster.cli_train", "pretrain or fine-tune on a local or attached Ray cluster"),
-    "submit": ("linearsr.cluster.cli_submit", "submit a training run as a Ray Job to a cluster"),
-    "export": ("linearsr.trainer.export", "consolidate a checkpoint into a 1-expert bundle (safetensors)"),
-    "analyze": ("linearsr.ckpt_analysis.cli", "find the knee checkpoint (one-shot, or --watch as the sidecar)"),
-    "experts": ("linearsr.ckpt_analysis.cli_experts", "fine-tune one expert per log-SNR interval and build the bundle"),
-    "upscale": ("linearsr.model.upscale", "upscale images with a bundle"),
-    "eval": ("linearsr.trainer.evaluate", "evaluate a bundle against bicubic: PSNR, SSIM, LPIPS, pictures"),
-    "tagger": ("linearsr.trainer.tagger", "train the small TAG tagger on the tags stored in the shards"),
-    "calibrate": ("linearsr.trainer.calibrate", "measure the residual's scale on the shards, write model.residual_scale into a preset"),
+    "demo": ("linearsr.dev.demo", "the whole pipeline on this machine: data, pretrain, knee, experts, tagger, eval"),
+    "shards": ("linearsr.commands.shards", "build WebDataset shards from an image folder (local or s3://)"),
+    "train": ("linearsr.commands.train", "pretrain or fine-tune on a local or attached Ray cluster"),
+    "submit": ("linearsr.commands.submit", "submit a training run as a Ray Job to a cluster"),
+    "export": ("linearsr.commands.export", "consolidate a checkpoint into a 1-expert bundle (safetensors)"),
+    "analyze": ("linearsr.commands.analyze", "find the knee checkpoint (one-shot, or --watch as the sidecar)"),
+    "experts": ("linearsr.commands.experts", "fine-tune one expert per log-SNR interval and build the bundle"),
+    "upscale": ("linearsr.commands.upscale", "upscale images with a bundle"),
+    "eval": ("linearsr.commands.evaluate", "evaluate a bundle against bicubic: PSNR, SSIM, LPIPS, pictures"),
+    "tagger": ("linearsr.commands.tagger", "train the small TAG tagger on the tags stored in the shards"),
+    "calibrate": ("linearsr.commands.calibrate", "measure the residual's scale on the shards, write model.residual_scale into a preset"),
     "bench": ("linearsr.bench", "benchmarks: attention, data, train, gpu"),
 }
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "--version":
         from linearsr import __version__
-        from linearsr.codeid import code_id
+        from linearsr.core.codeid import code_id
 
         print(f"{__version__} (code {code_id()})")
         return 0

@@ -31,12 +31,17 @@ from dataclasses import dataclass, field
 
 import requests
 
-from linearsr.cluster import local
-from linearsr.codeid import PACKAGE, code_id, package_files
+from linearsr.cluster import head as local
+from linearsr.core.codeid import PACKAGE, code_id, package_files
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# The environment a job or a Ray Train worker gets from the process that starts it, to reach the
+# same storage and run the same way. Credentials are never forwarded (a cluster node has its
+# own), so they cannot leak into Ray's job records.
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "RAY_AUTH_MODE", "DS_ACCELERATOR", "RAY_USAGE_STATS_ENABLED", "HF_HUB_OFFLINE")
 _env_lock = threading.Lock()
 
 

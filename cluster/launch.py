@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from linearsr.cluster.jobs import FORWARD_ENV
 from linearsr.core import storage
 from linearsr.trainer import rundir
 from linearsr.trainer.config import TrainConfig, config_text
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit: Ray 2.60 turns token auth on by itself
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# environment the workers get from the driver (never credentials: those come from the cluster's env)
-PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_AUTH_MODE", "HF_HUB_OFFLINE")
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -113,10 +112,10 @@ def storage_for(run_url: str):
 def prepare_run_dir(cfg: TrainConfig, run_url: str) -> None:
     """Check the inputs and write RUN/config.json before any worker starts, so a bad shard root,
     bucket or init checkpoint is a one-line error instead of a failed Ray job."""
-    from linearsr.data.shards import read_manifest
+    from linearsr.data.shards import read_shard_manifest
     from linearsr.trainer import checkpoint as ckpt
 
-    read_manifest(cfg.data.shards, cfg.data.s3_endpoint)
+    read_shard_manifest(cfg.data.shards, cfg.data.s3_endpoint)
     if cfg.finetune.init:
         ckpt.require_complete(cfg.finetune.init)
     try:
@@ -143,7 +142,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.info("training %s on %s: %d workers x %g CPU%s, ZeRO-%d %s", run_url, where, cfg.cluster.num_workers,
              cfg.cluster.cpus_per_worker, " + 1 GPU" if cfg.cluster.use_gpu else "", cfg.deepspeed.zero_stage,
              cfg.deepspeed.precision)
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
     storage_path, storage_fs = storage_for(run_url)
     trainer = TorchTrainer(

@@ -291,8 +291,19 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def read_json(url: str) -> Any:
-    return loads(read_text(url))
+def read_json(url: str, what: str | None = None) -> Any:
+    """The JSON at url. With `what` ("bundle manifest"), a missing file or bad JSON is one
+    sentence naming it: FileNotFoundError / ValueError."""
+    if what is None:
+        return loads(read_text(url))
+    try:
+        text = read_text(url)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{what} {url!r} does not exist") from None
+    try:
+        return loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {url!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def read_json_or_none(url: str) -> Any | None:
@@ -336,6 +347,19 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         _publish_local(local_path(url), lambda f: f.write(data))
     else:
         _remote(url, "write", lambda fs, p: fs.pipe_file(p, data))
+
+
+def write_local_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """A local file written by `write(f)` that a reader sees whole or not at all (temp + fsync + rename)."""
+    _publish_local(path, write)
+
+
+def write_safetensors(url: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """torch tensors (moved to the CPU, made contiguous) as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes_atomic(url, data)
 
 
 def write_text_atomic(url: str, text: str) -> None:

@@ -20,7 +20,7 @@ _EXPORTS = {
     "finish_batch": "linearsr.data.batches",
     "bicubic_down": "linearsr.data.degrade",
     "build_shards": "linearsr.data.shards",
-    "read_manifest": "linearsr.data.shards",
+    "read_shard_manifest": "linearsr.data.shards",
     "iter_samples": "linearsr.data.reader",
 }
 

@@ -29,9 +29,9 @@ from kornia.color import rgb_to_grayscale
 from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import filter2d, gaussian_blur2d
 
+from linearsr.core.util import stable_hash
 from linearsr.data.config import KERNEL_TYPES, DegradationConfig, TagThresholds
 from linearsr.data.degrade import bicubic_down, check_hr, quantize
-from linearsr.data.shards import stable_hash
 
 KINDS = KERNEL_TYPES + ("sinc",)  # the codes of params["kernel1"], params["kernel2"]
 PAD_TO = 21  # every kernel is zero-padded to 21 x 21, as in Real-ESRGAN, so a batch shares one conv

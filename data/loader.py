@@ -14,8 +14,8 @@ always finishes its batches in the worker, with seed = hash(val_seed, key): a sa
 same every pass, for every rank layout and for either degrade_on.
 
 Faults are counted per worker; each batch carries its worker's counters back to the main process,
-where `.skips` sums them (a train worker whose shard draws give nothing readable raises itself). `DataQualityError` is raised when skipped / read passes
-`max_skip_fraction` once `skip_check_after` samples were read.
+where `.skips` sums them (a train worker whose shard draws give nothing readable raises itself).
+`DataQualityError` is raised when skipped / read passes `max_skip_fraction` once `skip_check_after` samples were read.
 
 Exact resume: `TrainLoader.state_dict()` is the position of this rank's stream as of the batches
 handed out (every worker's stream state and which worker's batch comes next; JSON, no image data).
@@ -32,10 +32,11 @@ from typing import Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from linearsr.core.util import stable_hash
 from linearsr.data.batches import Item, collate, crop_pair, finish_batch
 from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
-from linearsr.data.shards import read_manifest, shard_list, stable_hash
+from linearsr.data.shards import read_shard_manifest, shard_list
 from linearsr.data.stream import DataQualityError, TrainStream
 
 STATE_FORMAT = "linearsr-loader/1"
@@ -266,7 +267,7 @@ class ValLoader(_Loader):
 
 
 def _shards(cfg: DataConfig, split: str) -> list[tuple[str, int]]:
-    manifest = read_manifest(cfg.shards, cfg.s3_endpoint)
+    manifest = read_shard_manifest(cfg.shards, cfg.s3_endpoint)
     shards = shard_list(cfg.shards, manifest, split)
     if not shards:
         raise ValueError(f"shard root {cfg.shards} has no {split} shards; rebuild with "

@@ -26,7 +26,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from linearsr.core import storage
-from linearsr.data.shards import describe, read_manifest, shard_list
+from linearsr.data.shards import describe, read_shard_manifest, shard_list
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def iter_samples(root: str, split: str = "train", endpoint: str | None = None,
                  stats: Stats | None = None) -> Iterator[dict]:
     """Every raw sample of one split in manifest order: {"__key__", "__url__", "png"|"jpg": bytes, "json": bytes}.
     For tools that want the stored bytes (the tagger, tests); training uses the loaders."""
-    manifest = read_manifest(root, endpoint)
+    manifest = read_shard_manifest(root, endpoint)
     stats = stats or Stats()
     for url, expected in shard_list(root, manifest, split):
         yield from read_shard(url, expected, stats, endpoint=endpoint)

@@ -29,15 +29,15 @@ import tempfile
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from linearsr.data import pairs
 from linearsr.core.storage import filesystem, with_retries
+from linearsr.core.util import IMAGE_EXTENSIONS, normalize_tags, stable_hash
+from linearsr.data import pairs
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "linearsr-shards/1"
 SPLITS = ("train", "val")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 
 
@@ -57,12 +57,7 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {message}"
 
 
-def stable_hash(*parts) -> int:
-    """A 64-bit hash that is the same in every process and Python version (unlike hash())."""
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
-def read_manifest(root: str, endpoint: str | None = None) -> dict:
+def read_shard_manifest(root: str, endpoint: str | None = None) -> dict:
     """The manifest of a shard root, checked. Missing: FileNotFoundError saying how to make one."""
     fs, path = filesystem(join(root, MANIFEST), endpoint)
     try:
@@ -109,7 +104,7 @@ def list_sources(src: str) -> list[tuple[str, str]]:
     return out
 
 
-def normalize_tags(raw: dict, where: str = "tags") -> dict[str, list[str]]:
+def normalize_tag_map(raw: dict, where: str = "tags") -> dict[str, list[str]]:
     """{name: [tags] or "a, b"} -> {name: [lower-case stripped tags]}; bad entries raise ValueError."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a JSON object {{image name: [tags]}}")
@@ -119,7 +114,7 @@ def normalize_tags(raw: dict, where: str = "tags") -> dict[str, list[str]]:
             tags = tags.split(",")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError(f"{where}: entry {name!r} must be a list of strings or 'a, b'")
-        out[name] = [t.strip().lower() for t in tags if t.strip()]
+        out[name] = normalize_tags(tags)
     return out
 
 
@@ -134,7 +129,7 @@ def load_tags(path: str | None) -> dict[str, list[str]]:
         raise FileNotFoundError(f"tags file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"tags file {path} is not valid JSON ({e})") from None
-    return normalize_tags(raw, f"tags file {path}")
+    return normalize_tag_map(raw, f"tags file {path}")
 
 
 def _tags_for(rel: str, tags: dict[str, list[str]], used: set[str]) -> list[str]:
@@ -304,7 +299,7 @@ def build_shards(src: str, dest: str, samples_per_shard: int = 64, val_fraction:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_side is not None and max_side < 8:
         raise ValueError(f"--max-side must be >= 8 pixels, got {max_side}")
-    tag_map = normalize_tags(tags) if isinstance(tags, dict) else load_tags(tags)
+    tag_map = normalize_tag_map(tags) if isinstance(tags, dict) else load_tags(tags)
     sources = list_sources(src)
     if not sources:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {src}")
@@ -442,7 +437,7 @@ def verify_shards(root: str, endpoint: str | None = None, progress: bool = True)
     the recorded size and sha256, and the recorded number of complete samples. Returns
     {"shards", "samples", "bytes", "problems": [{"path", "problem"}]}; storage errors that outlive
     their retries propagate (they say nothing about the shard)."""
-    manifest = read_manifest(root, endpoint)
+    manifest = read_shard_manifest(root, endpoint)
     entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
     problems = []
     for entry in tqdm(entries, desc="verify", unit="shard", disable=not progress):

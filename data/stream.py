@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from linearsr.core import storage
+from linearsr.core.util import stable_hash
 from linearsr.data.batches import Item, augment, crop_pair
 from linearsr.data.config import DataConfig
 from linearsr.data.reader import Stats, decode, read_shard
-from linearsr.data.shards import stable_hash
+
 
 class DataQualityError(ValueError):
     """Too many samples were skipped: the data (or the storage) is broken, training would be biased."""

@@ -13,9 +13,7 @@ tagger       the small TAG tagger network (LR image -> tags)
 tiled        exact tiled network evaluation (attention states summed over all tiles, conv halos)
 tiling       upscale_image: untiled, exact-tiled, or blended overlapping tiles
 inference    the Python API (Upscaler, upscale: `from linearsr import upscale`), precision checks
+             (the `linearsr upscale` command over it is linearsr.commands.upscale)
 imageio      reading input images with per-file errors, writing PNGs
-upscale      the `linearsr upscale` command
-bench        the `linearsr bench attention` command
-bench_infer  the `linearsr bench infer` command: tiling memory/time, 1-NFE vs size, the latent preset
 backbones    frozen ImageNet AlexNet / VGG16 features (LPIPS, DISTS, the tagger)
 """

@@ -10,16 +10,12 @@ Interval bounds are written with `flow.format_bound` ("-inf"/"inf" as strings). 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from linearsr.core import storage
 from linearsr.model.config import ModelConfig
 from linearsr.model.flow import Interval, check_partition, format_bound, parse_bound
 from linearsr.model.network import LinearSR
@@ -28,61 +24,6 @@ from linearsr.model.sampler import MoE
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 OWN_FIELDS = ("format", "scale", "model", "knee_step", "experts", "tagger")  # what write_bundle sets itself
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else format_bound(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def publish(tmp: str, path: str | Path) -> None:
-    """Rename a finished temp file into place with the permissions a plain open() would have
-    given it (mkstemp makes files 0600, unreadable to the rest of a shared cluster)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2)
-            f.write("\n")
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _interval_of(value: Any) -> Interval:
@@ -102,15 +43,15 @@ def save_expert(prefix: str | Path, model: LinearSR, meta: dict[str, Any] | None
     if "interval" in meta and meta["interval"] is not None:
         meta["interval"] = _interval_of(meta["interval"]).key
     weights = prefix.with_name(prefix.name + ".safetensors")
-    save_safetensors_atomic(weights, model.state_dict(), {"format": str(FORMAT_VERSION)})
-    write_json_atomic(prefix.with_name(prefix.name + ".json"), {"format": FORMAT_VERSION, "model": model.cfg.to_dict(), **meta})
+    storage.write_safetensors(str(weights), model.state_dict(), {"format": str(FORMAT_VERSION)})
+    storage.write_json(str(prefix.with_name(prefix.name + ".json")), {"format": FORMAT_VERSION, "model": model.cfg.to_dict(), **meta})
     return weights
 
 
 def read_expert_meta(weights: str | Path) -> dict[str, Any]:
     """The JSON beside an expert's .safetensors (readable without building the model)."""
     weights = Path(weights)
-    return read_json(weights.with_suffix(".json"), "expert metadata")
+    return storage.read_json(str(weights.with_suffix(".json")), "expert metadata")
 
 
 def _load_weights(model: LinearSR, weights: Path) -> LinearSR:
@@ -199,12 +140,12 @@ def write_bundle(
         "tagger": tagger,
         **(extra or {}),
     }
-    write_json_atomic(bundle_dir / MANIFEST, manifest)
+    storage.write_json(str(bundle_dir / MANIFEST), manifest)
     return bundle_dir / MANIFEST
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(bundle_dir) / MANIFEST, "bundle manifest")
+    return storage.read_json(str(Path(bundle_dir) / MANIFEST), "bundle manifest")
 
 
 def load_bundle(path: str | Path, ae_path: str | None = None) -> MoE:

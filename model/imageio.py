@@ -7,15 +7,13 @@ integer or float images, empty images."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from linearsr.model.bundle import publish
+from linearsr.core import storage
 
 
 class ImageError(ValueError):
@@ -82,13 +80,5 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 def save_png(path: str | Path, img: torch.Tensor) -> Path:
     """Write [3, H, W] in [0, 1] as an 8-bit RGB PNG atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(to_uint8(img), "RGB").save(tmp, format="PNG")
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    storage.write_local_atomic(str(path), lambda f: Image.fromarray(to_uint8(img), "RGB").save(f, format="PNG"))
     return path

@@ -19,13 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from linearsr.core.util import normalize_tags
 from linearsr.model.bundle import load_bundle
 from linearsr.model.imageio import to_uint8
 from linearsr.model.network import LinearSR
 from linearsr.model.sampler import METHODS, MoE, as_moe
-from linearsr.model.tags import normalize_tags
 from linearsr.model.tiled import ExactTiling
-from linearsr.model.tiling import check_tiling, resolve_tile_mode, tile_tokens, upscale_image
+from linearsr.model.tiling import (
+    check_tiling,
+    resolve_tile_mode,
+    tile_tokens,
+    upscale_image,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

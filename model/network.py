@@ -25,7 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from linearsr.model.attention import linear_attention, linear_attention_read, linear_attention_state
+from linearsr.model.attention import (
+    linear_attention,
+    linear_attention_read,
+    linear_attention_state,
+)
 from linearsr.model.autoencoder import build_autoencoder
 from linearsr.model.config import ModelConfig
 from linearsr.model.flow import interpolate, velocity_target

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from linearsr.model.flow import FULL_RANGE, Interval, check_partition, find_interval, lambda_of_t, sampling_times
+from linearsr.model.flow import (
+    FULL_RANGE,
+    Interval,
+    check_partition,
+    find_interval,
+    lambda_of_t,
+    sampling_times,
+)
 from linearsr.model.network import LinearSR
 
 log = logging.getLogger(__name__)

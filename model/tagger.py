@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from linearsr.core import storage
+from linearsr.core.util import normalize_tags
 from linearsr.model.backbones import AlexFeatures
-from linearsr.model.bundle import read_json, save_safetensors_atomic, write_json_atomic
-from linearsr.model.tags import normalize_tags
 
 KIND = "linearsr-tagger/2"
 OBJECT, DEGRADATION = "object", "degradation"
@@ -140,8 +140,8 @@ class Tagger(nn.Module):
         """Write PREFIX.safetensors (backbone, head, normalisation, thresholds) + PREFIX.json; returns the weights path."""
         prefix = Path(str(prefix).removesuffix(".safetensors"))
         weights = prefix.with_name(prefix.name + ".safetensors")
-        save_safetensors_atomic(weights, self.state_dict(), {"kind": KIND})
-        write_json_atomic(prefix.with_name(prefix.name + ".json"), {
+        storage.write_safetensors(str(weights), self.state_dict(), {"kind": KIND})
+        storage.write_json(str(prefix.with_name(prefix.name + ".json")), {
             "kind": KIND, "vocab": self.vocab, "kinds": self.kinds, "thresholds": self.thresholds.tolist(),
             "crop": self.crop, "upsample": self.upsample, "pool_r": self.pool_r, **self.meta})
         return weights
@@ -152,7 +152,7 @@ class Tagger(nn.Module):
         if weights.suffix != ".safetensors":
             weights = weights.with_name(weights.name + ".safetensors")
         meta_path = weights.with_suffix(".json")
-        meta = read_json(meta_path, "tagger metadata")
+        meta = storage.read_json(str(meta_path), "tagger metadata")
         if meta.get("kind") != KIND:
             raise ValueError(f"tagger {str(weights)!r} is not a {KIND} file (kind {meta.get('kind')!r}); "
                              "train a new one with `linearsr tagger train`")

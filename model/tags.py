@@ -21,23 +21,11 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from linearsr.core.util import normalize_tags
 from linearsr.model.config import ModelConfig
 from linearsr.model.minilm import DIM as MINILM_DIM
 
 log = logging.getLogger(__name__)
-
-
-def normalize_tags(tags: Iterable[str] | str, max_tags: int) -> list[str]:
-    """Lower-case, strip, drop empties and duplicates (keeping order), cap at max_tags.
-    A string is split on commas: "Cat, grass ,cat" -> ["cat", "grass"]."""
-    if isinstance(tags, str):
-        tags = tags.split(",")
-    out: list[str] = []
-    for tag in tags:
-        tag = " ".join(str(tag).lower().split())
-        if tag and tag not in out:
-            out.append(tag)
-    return out[:max_tags]
 
 
 def tag_bucket(tag: str, vocab_size: int) -> int:

@@ -40,7 +40,7 @@ def one_thread():
 def s3_server(tmp_path_factory):
     """A local S3 server (moto's server mode on 127.0.0.1, a free port), one per test session.
 
-    Yields a `linearsr.data.s3local.S3Server`:
+    Yields a `linearsr.dev.s3local.S3Server`:
         s3_server.endpoint        "http://127.0.0.1:PORT"
         s3_server.make_bucket()   creates a fresh uniquely named bucket, returns "s3://NAME"
                                   (use one bucket per test: the server is shared by the session)
@@ -49,7 +49,7 @@ def s3_server(tmp_path_factory):
     Ray workers, DataLoader workers, subprocesses), with the dummy credentials "testing" and
     NO_PROXY covering 127.0.0.1, so s3fs / boto3 / TensorBoard clients with no explicit endpoint
     land here and never on a public host. Afterwards the dead loopback endpoint is restored."""
-    from linearsr.data import s3local
+    from linearsr.dev import s3local
 
     server = s3local.start(tmp_path_factory.mktemp("s3"))
     saved = {k: os.environ.get(k) for k in server.env()}

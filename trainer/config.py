@@ -250,7 +250,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         data: dict = {}
     elif path.endswith(".json"):
         try:
-            from linearsr.trainer.rundir import read_json
+            from linearsr.core.storage import read_json
 
             data = read_json(path)
         except FileNotFoundError:
@@ -267,6 +267,6 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 def config_text(cfg: TrainConfig) -> str:
     """The resolved config as indented JSON (what RUN/config.json holds)."""
-    from linearsr.trainer.rundir import dumps
+    from linearsr.core.storage import dumps
 
     return dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,7 +1,7 @@
 """DeepSpeed engine from the config: ZeRO-2/3, fp32 (CPU) or bf16, gradient accumulation and
 clipping, warmup + cosine/constant schedule, a torch AdamW, optional EMA weights.
 
-CPU facts this module encodes (see shared/DESIGN.md): DeepSpeed reuses the process group that
+CPU facts this module encodes (measured on this project's CPU machines): DeepSpeed reuses the process group that
 Ray Train already created; its shared-memory comm op would spend ~40 s in g++ on first use, so
 it is marked incompatible before `init_distributed`; its own Adam compiles for a minute, so a
 torch AdamW is passed in."""

@@ -20,7 +20,6 @@ N-step sample runs every expert of a bundle at least once."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -32,19 +31,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from linearsr.core.storage import write_json, write_text_atomic
+from linearsr.core.util import IMAGE_EXTENSIONS
 from linearsr.data.config import DegradationConfig
-from linearsr.data.degrade import bicubic_down, modcrop
 from linearsr.data.degradations import degrade
+from linearsr.data.degrade import bicubic_down, modcrop
 from linearsr.model.bundle import load_bundle
 from linearsr.model.imageio import save_png
 from linearsr.model.sampler import MoE, sample
 from linearsr.trainer.peers import PeerUnavailable, load_peer
 from linearsr.trainer.quality import DISTS, LPIPS, psnr_y, ssim_y
-from linearsr.trainer.rundir import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BICUBIC = "bicubic"
 
 
@@ -113,9 +112,9 @@ def load_hr_images(folder: str, max_images: int | None = None) -> list[tuple[str
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"HR folder {folder} does not exist; `make devset` writes the development set to runs/data/devset")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"HR folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"HR folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     out = []
     for p in files[:max_images]:
         try:
@@ -144,11 +143,11 @@ def load_lr_images(lr_dir: str, hr_dir: str | None, scale: int, max_images: int 
     def listing(folder: str) -> list[Path]:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"image folder {folder} does not exist")
-        return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
     lrs = listing(lr_dir)
     if not lrs:
-        raise ValueError(f"LR folder {lr_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"LR folder {lr_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if hr_dir is None:
         return [(p.stem, None, _image(p)) for p in lrs[:max_images]], []
     hrs = listing(hr_dir)
@@ -448,50 +447,3 @@ def _log_tensorboard(tb_dir: Path, grids: list[tuple[str, np.ndarray]], summary:
             if r[key] is not None:
                 writer.add_scalar(f"eval/{key}/{name}", r[key], 0)
     writer.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", required=True, help="bundle folder (manifest.json) or an expert .safetensors")
-    parser.add_argument("--hr", default=None, help="folder of HR photos (e.g. runs/data/devset)")
-    parser.add_argument("--lr", default=None, help="folder of real LR images: with --hr, paired by name "
-                        "(metrics against the HR); alone, LR-only (outputs and timing, no metrics)")
-    parser.add_argument("--out", required=True, help="output folder for report.md, metrics.json, crops/")
-    parser.add_argument("--degradation", default="bicubic", choices=["bicubic", "realistic"])
-    parser.add_argument("--steps", type=int, default=10, help="the multi-step setting (1-NFE is always measured)")
-    parser.add_argument("--compare", action="append", default=[], metavar="NAME=BUNDLE",
-                        help="another bundle to ablate against, e.g. knee=runs/demo/knee (repeatable)")
-    parser.add_argument("--baseline", action="append", default=[], choices=["realesrgan"],
-                        help="another SR system as a row: realesrgan (Real-ESRGAN x4plus on the CPU, `make peers`); "
-                             "skipped with a note when it cannot run here (repeatable)")
-    parser.add_argument("--guidance", type=float, default=1.0)
-    parser.add_argument("--ablation-guidance", type=float, default=3.0,
-                        help="the stronger classifier-free guidance scale of the TAG ablation (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (sorted by name)")
-    parser.add_argument("--no-tb", action="store_true", help="do not write TensorBoard events")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
-    compare = {}
-    for item in args.compare:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--compare {item!r} is not NAME=BUNDLE (e.g. knee=runs/demo/knee)")
-        compare[name] = path
-    if args.hr is None and args.lr is None:
-        raise ValueError("give --hr HR_DIR (synthetic LR), --hr with --lr LR_DIR (real pairs) or --lr alone (LR-only)")
-    if args.hr is None:
-        metrics = upscale_only(args.bundle, args.lr, args.out, args.steps, args.guidance, args.seed, args.max_images)
-        print(f"upscaled {metrics['num_images']} LR images: {os.path.join(args.out, 'sr')}")
-        print(f"report: {os.path.join(args.out, 'report.md')}")
-        return 0
-    metrics = evaluate(args.bundle, args.hr, args.out, args.degradation, args.steps, compare, args.guidance,
-                       args.seed, args.max_images, tb=not args.no_tb, lr_dir=args.lr, baselines=tuple(args.baseline),
-                       ablation_guidance=args.ablation_guidance)
-    base, one = metrics["summary"][BICUBIC], metrics["summary"]["LinearSR 1-NFE"]
-    print(f"bicubic {base['psnr_y']:.2f} dB, LinearSR 1-NFE {one['psnr_y']:.2f} dB "
-          f"({one['psnr_y'] - base['psnr_y']:+.2f}) on {metrics['num_images']} images")
-    print(f"report: {os.path.join(args.out, 'report.md')}")
-    return 0

@@ -12,7 +12,6 @@ which multi-step sampling follows."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
@@ -65,30 +64,3 @@ def export_bundle(ckpt_url: str, out_dir: str | Path, knee_step: int | None = No
     return write_bundle(out, [{"interval": FULL_RANGE.key, "weights": weights.name, "val_loss": meta.get("val_loss"),
                                "weights_from": meta["weights"], "checkpoint": ckpt_url, "step": meta["step"]}],
                         meta["model"], knee_step=knee_step, extra={"sampling": meta["sampling"]})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint URL: RUN/checkpoints/checkpoint_XXXXXX (local or s3://)")
-    parser.add_argument("out", metavar="OUT", help="a bundle folder, or an expert file ending in .safetensors")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
-                         help="export the EMA weights (default when the checkpoint has them)")
-    weights.add_argument("--raw", dest="ema", action="store_false", help="export the raw weights, not the EMA ones")
-    parser.set_defaults(ema=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    ckpt.require_complete(args.checkpoint)  # before anything is created
-    if out.suffix == ".safetensors":
-        weights = export_checkpoint(args.checkpoint, out.with_suffix(""), ema=args.ema)
-        print(f"linearsr export: wrote {weights} (+ {weights.with_suffix('.json').name})")
-        return 0
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {out} is a file; give a bundle folder, or a path ending in .safetensors for one expert file")
-    from linearsr.model.bundle import read_expert_meta
-
-    manifest = export_bundle(args.checkpoint, out, ema=args.ema)
-    step = read_expert_meta(out / "model.safetensors")["step"]
-    print(f"linearsr export: wrote the 1-expert bundle {manifest} (step {step})")
-    return 0

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from linearsr.codeid import code_id
 from linearsr.core import storage
-from linearsr.data.shards import stable_hash
+from linearsr.core.codeid import code_id
+from linearsr.core.util import stable_hash
 from linearsr.model.flow import FULL_RANGE
 from linearsr.trainer import checkpoint as ckpt
 from linearsr.trainer import configlib, rundir, zero
@@ -181,7 +181,7 @@ class Trainer:
                 path, _ = self.engine.load_checkpoint(local, tag=ckpt.TAG)
             if path is None:
                 raise FileNotFoundError(f"checkpoint {url} has no DeepSpeed shards under {ckpt.TAG}/")
-            self.rank_state = rundir.read_json(os.path.join(local, ckpt.state_file(self.rank)))
+            self.rank_state = storage.read_json(os.path.join(local, ckpt.state_file(self.rank)))
         if self.ema is not None:
             from safetensors.torch import load_file
 
@@ -193,7 +193,7 @@ class Trainer:
     def _open_outputs(self) -> None:
         from linearsr.trainer.tb import TBWriter
 
-        rundir.write_text_atomic(rundir.join(self.run_url, "config.json"), config_text(self.cfg) + "\n")
+        storage.write_text_atomic(storage.join(self.run_url, "config.json"), config_text(self.cfg) + "\n")
         self.metrics = rundir.MetricsWriter(self.run_url, resume_step=self.step)
         if self.meta is not None and not any(r.get("step") == self.step for r in self.metrics.records):
             self.metrics.append(self.meta["record"])  # the checkpoint was saved, its record was not
@@ -407,10 +407,10 @@ class Trainer:
             storage.rm(url, recursive=True)
         local = self._tmp("linearsr-ckpt-")
         self.engine.save_checkpoint(local, tag=ckpt.TAG)
-        rundir.write_json(os.path.join(local, ckpt.state_file(self.rank)),
+        storage.write_json(os.path.join(local, ckpt.state_file(self.rank)),
                           ckpt.rank_state(self.gen, {"step": self.step, "data": self.train_loader.state_dict()}))
         if self.rank == 0:
-            rundir.write_json(os.path.join(local, ckpt.META), {
+            storage.write_json(os.path.join(local, ckpt.META), {
                 "step": self.step, "samples": self.samples, "val_loss": record["val_loss"],
                 "val_loss_by_interval": record["val_loss_by_interval"], "world_size": self.world,
                 "zero_stage": cfg.deepspeed.zero_stage, "t_interval": record["t_interval"],

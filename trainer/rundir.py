@@ -25,11 +25,14 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
-# the run dir is touched only through linearsr.core.storage; these are its names used here and by
-# the stages that read the contract through this module
-from linearsr.core.storage import (  # noqa: F401
-    dumps, exists, is_local, join, loads, local_path, read_json, read_json_or_none, read_text, write_bytes_atomic,
-    write_json, write_text_atomic,
+from linearsr.core.storage import (
+    dumps,
+    is_local,
+    join,
+    loads,
+    local_path,
+    read_text,
+    write_text_atomic,
 )
 
 # metrics.jsonl field names (more may be added, none renamed)

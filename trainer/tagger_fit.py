@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from linearsr.data.config import DegradationConfig
-from linearsr.data.degrade import bicubic_down
 from linearsr.data.degradations import degradation_tags, degrade_batch
+from linearsr.data.degrade import bicubic_down
 from linearsr.model.tagger import Tagger, lse_pool
 
 REALISTIC = DegradationConfig(mode="realistic")  # Real-ESRGAN's published defaults

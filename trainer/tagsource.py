@@ -27,6 +27,7 @@ import tempfile
 
 import torch
 
+from linearsr.core import storage
 from linearsr.model.tagger import Tagger
 from linearsr.trainer import rundir
 from linearsr.trainer.config import TrainConfig
@@ -52,8 +53,8 @@ def _run_tagger(cfg: TrainConfig, run_url: str, rank: int) -> tuple[str, dict[st
     """The run's own copy of the tagger: (its URL, {".safetensors": bytes, ".json": bytes}).
     At the first start rank 0 copies tags.tagger into the run dir (the JSON last: a copy with its
     JSON is complete)."""
-    copy = rundir.join(run_url, RUN_TAGGER)
-    if rundir.exists(_sidecar(copy)):
+    copy = storage.join(run_url, RUN_TAGGER)
+    if storage.exists(_sidecar(copy)):
         files = {".safetensors": _read_bytes(copy), ".json": _read_bytes(_sidecar(copy))}
         if cfg.tags.tagger.rstrip("/") != copy and _read_bytes(cfg.tags.tagger) != files[".safetensors"]:
             log.warning("tags.tagger %s differs from the tagger this run started with; the run keeps tagging with its "
@@ -61,8 +62,8 @@ def _run_tagger(cfg: TrainConfig, run_url: str, rank: int) -> tuple[str, dict[st
         return copy, files
     files = {".safetensors": _read_bytes(cfg.tags.tagger), ".json": _read_bytes(_sidecar(cfg.tags.tagger))}
     if rank == 0:
-        rundir.write_bytes_atomic(copy, files[".safetensors"])
-        rundir.write_bytes_atomic(_sidecar(copy), files[".json"])
+        storage.write_bytes_atomic(copy, files[".safetensors"])
+        storage.write_bytes_atomic(_sidecar(copy), files[".json"])
         log.info("tagger %s copied into the run: %s", cfg.tags.tagger, copy)
     return copy, files
 
@@ -119,11 +120,10 @@ def open_tag_source(cfg: TrainConfig, run_url: str, rank: int, device: torch.dev
                              "retrain it with a lower --precision, or set tags.source='photo'")
         cfg = cfg.replace(tags={"tagger": url})
     else:
-        from linearsr.data.shards import read_manifest
-
+        from linearsr.data.shards import read_shard_manifest
         from linearsr.trainer.tagger_fit import DEGRADATION_TAGS
 
-        shard_tags = set(read_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries).get("tags") or {})
+        shard_tags = set(read_shard_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries).get("tags") or {})
         tag_set = tuple(sorted(shard_tags | (set(DEGRADATION_TAGS) if _degradation_tags(cfg) else set())))
     if cfg.model.tag_set and cfg.model.tag_set != tag_set:
         missing, extra = sorted(set(tag_set) - set(cfg.model.tag_set)), sorted(set(cfg.model.tag_set) - set(tag_set))

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from linearsr.data.shards import stable_hash
-from linearsr.trainer.collectives import all_max, all_sum
+from linearsr.core.util import stable_hash
 from linearsr.model.flow import FlowConfig, Interval
+from linearsr.trainer.collectives import all_max, all_sum
 
 
 @dataclass

@@ -5,6 +5,6 @@
 - `fla_backend`: the same attention assembled from flash-linear-attention's causal kernels.
 - `gla`: `BidirectionalGLA`, a gated linear-attention mixer scanned in both directions
   (pure-torch reference on any device, fla's `chunk_gla` on CUDA).
-- `bench_gpu`: `linearsr bench gpu` (`make bench-gpu`), see docs/gpu.md.
+- their benchmark is `linearsr bench gpu` (linearsr.bench.gpu, `make bench-gpu`), see docs/gpu.md.
 
 Nothing here is imported by `import linearsr.model`: triton and fla are optional (`.[gpu]`)."""

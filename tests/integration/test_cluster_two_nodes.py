@@ -31,7 +31,7 @@ def two_nodes(monkeypatch):
 
     from ray.cluster_utils import Cluster
 
-    from linearsr.cluster.local import free_port
+    from linearsr.dev.local_ray import free_port
 
     base = tempfile.mkdtemp(prefix="r2n-", dir="/tmp")  # short (socket paths) and private to this cluster
     monkeypatch.setenv("RAY_TMPDIR", base)  # where Ray notes "the current cluster"

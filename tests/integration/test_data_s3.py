@@ -13,14 +13,14 @@ from linearsr.data import s3, s3local  # noqa: F401 (s3 registers webdataset's s
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
 from linearsr.data.reader import iter_samples
-from linearsr.data.shards import build_shards, read_manifest
+from linearsr.data.shards import build_shards, read_shard_manifest
 
 
 def test_build_and_read_back_through_s3_is_byte_identical(s3_bucket, make_images, tmp_path):
     paths = make_images(tmp_path / "src", n=10)
     root = f"{s3_bucket}/photos/shards"
     manifest = build_shards(str(tmp_path / "src"), root, samples_per_shard=3, val_fraction=0.3, progress=False)
-    assert read_manifest(root) == manifest
+    assert read_shard_manifest(root) == manifest
     by_name = {p.stem: p.read_bytes() for p in paths}
     seen = {}
     for split in ("train", "val"):
@@ -47,7 +47,7 @@ def test_s3_loader_counts_a_missing_shard(s3_bucket, tiny_shards):
     root = f"{s3_bucket}/tiny"
     fs, _ = storage.filesystem(root)
     fs.put(tiny_shards, root[len("s3://"):], recursive=True)
-    manifest = read_manifest(root)
+    manifest = read_shard_manifest(root)
     gone = manifest["splits"]["val"]["shards"][0]
     fs.rm(f"{root}/{gone['path']}")
     loader = make_val_loader(DataConfig(shards=root, crop=32, val_crop=32, num_workers=2, max_skip_fraction=1.0))

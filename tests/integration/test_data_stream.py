@@ -14,7 +14,7 @@ from linearsr.data.batches import finish_batch
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
 from linearsr.data.reader import Stats
-from linearsr.data.shards import build_shards, read_manifest, shard_list
+from linearsr.data.shards import build_shards, read_shard_manifest, shard_list
 from linearsr.data.stream import TrainStream
 
 
@@ -64,7 +64,7 @@ def test_resume_is_exact_across_an_unreadable_shard(tiny_shards, tmp_path):
     """A missing shard makes a reader emit stats-only heartbeats between batches; they take turns in
     the DataLoader's round-robin, so a resumed loader must emit exactly the ones not yet seen."""
     root = shutil.copytree(tiny_shards, tmp_path / "shards")
-    (root / read_manifest(str(root))["splits"]["train"]["shards"][1]["path"]).unlink()
+    (root / read_shard_manifest(str(root))["splits"]["train"]["shards"][1]["path"]).unlink()
     # blocks of 6 crops, batches of 4: a heartbeat can come while a batch is half filled
     cfg = _cfg(str(root), num_workers=2, max_skip_fraction=1.0, shuffle_buffer=6)
     whole = make_train_loader(cfg, 0, 1, seed=3)
@@ -118,7 +118,7 @@ def test_no_sample_is_drawn_more_often_than_another(five_shards, world, workers)
     """Every reader draws shards from the full list: each sample's read rate is the mean rate
     within sampling error (splitting 5 shards over 4 ranks first would read the samples of the
     1-sample shard's reader at 4x the rate)."""
-    shards = shard_list(five_shards, read_manifest(five_shards), "train")
+    shards = shard_list(five_shards, read_shard_manifest(five_shards), "train")
     assert sorted(n for _, n in shards) == [1, 4, 4, 4, 4]
     reads = {url: 0 for url, _ in shards}
     cfg = _cfg(five_shards)

@@ -18,8 +18,8 @@ import sys
 import pytest
 
 from linearsr.core import storage
+from linearsr.core.storage import write_json
 from linearsr.main import main
-from linearsr.trainer.rundir import write_json
 
 pytestmark = pytest.mark.integration
 

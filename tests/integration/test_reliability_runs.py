@@ -129,7 +129,7 @@ def test_a_minute_of_storage_outage_during_a_save_is_ridden_out_with_every_retry
     for f in found:
         prefix = f.url[len("s3://"):]
         present = {p[len(prefix) + 1:] for p in fs.find(prefix)} - {ckpt.MARKER}
-        listed = set(rundir.read_json(rundir.join(f.url, ckpt.MARKER))["files"])
+        listed = set(storage.read_json(storage.join(f.url, ckpt.MARKER))["files"])
         assert listed == present and ckpt.META in listed and any(p.startswith(f"{ckpt.TAG}/") for p in listed)
         assert ckpt.read_meta(f.url)["step"] == f.step
     assert [r["checkpoint"] for r in records] == [f.url for f in found]
@@ -146,7 +146,7 @@ def test_divergence_is_recorded_detected_and_stops_the_pretrain_before_any_later
         assert math.isnan(r["train_loss"]) == nan and r["skipped_steps"] == (r["step"] - NAN_FROM + 1 if nan else 0)
         assert math.isfinite(r["val_loss"])  # skipped steps leave the weights (and the val loss) finite
 
-    d = rundir.read_json(rundir.join(runs["diverge"], "analysis", "decision.json"))
+    d = storage.read_json(storage.join(runs["diverge"], "analysis", "decision.json"))
     assert d["diverged_at"] == first_nan and d["divergence"]["kind"] == "nonfinite"
     assert d["divergence"]["detail"] == f"train loss is nan at step {first_nan}"
     assert d["method"] == "best_before_divergence" and d["checkpoint_step"] in (10, 20, 30)
@@ -154,7 +154,7 @@ def test_divergence_is_recorded_detected_and_stops_the_pretrain_before_any_later
     assert f"checkpoints from step {first_nan} on are excluded" in d["reason"]
     assert runs["handed_to_experts"] == [d]  # the experts would start from that checkpoint
 
-    state = rundir.read_json(rundir.join(runs["diverge"], "analysis", "state.json"))
+    state = storage.read_json(storage.join(runs["diverge"], "analysis", "state.json"))
     assert state["pretrain_stopped"]["job"] == runs["sid_diverge"]
     assert state["pretrain_stopped"]["reason"].startswith(f"divergence began at step {first_nan}: train loss is nan")
     assert any(e["event"].startswith(f"stopped the pretrain job {runs['sid_diverge']}") for e in state["events"])
@@ -162,7 +162,7 @@ def test_divergence_is_recorded_detected_and_stops_the_pretrain_before_any_later
     # TensorBoard: the marker at the divergence step beside the NaN train loss
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    fs, path = storage.filesystem(rundir.join(runs["diverge"], "tb"))
+    fs, path = storage.filesystem(storage.join(runs["diverge"], "tb"))
     for f in fs.ls(path):
         fs.get_file(f, str(tmp_path / os.path.basename(f)))
     acc = EventAccumulator(str(tmp_path))
@@ -205,7 +205,7 @@ def test_credentials_never_appear_in_any_output(runs, ray_cluster, tmp_path_fact
 
 def _ray_session_logs(tmp_path_factory, address: str) -> list:
     """Every log file of the session's local Ray head (the `ray_cluster` fixture's temp dir)."""
-    from linearsr.cluster import local
+    from linearsr.dev import local_ray as local
 
     for state in tmp_path_factory.getbasetemp().glob("ray*"):
         cluster = local.attach(str(state))

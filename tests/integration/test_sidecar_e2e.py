@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 
 from linearsr.cluster.jobs import Jobs, command
+from linearsr.core.storage import read_json
 from linearsr.main import main
 from linearsr.model import inference as upscale_mod
 from linearsr.model.bundle import read_manifest
 from linearsr.model.flow import find_interval
 from linearsr.trainer import checkpoint as ckpt
 from linearsr.trainer.config import load_config
-from linearsr.trainer.rundir import read_json, read_metrics
+from linearsr.trainer.rundir import read_metrics
 
 pytestmark = pytest.mark.integration
 

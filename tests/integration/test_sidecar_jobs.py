@@ -21,15 +21,16 @@ import uuid
 import pytest
 
 from linearsr.ckpt_analysis import experts as experts_mod
-from linearsr.core import storage
 from linearsr.cluster.jobs import Jobs, command
+from linearsr.core import storage
+from linearsr.core.storage import exists, join, read_json, write_json
 from linearsr.main import main
 from linearsr.model.bundle import load_bundle, read_manifest, save_expert
 from linearsr.model.config import ModelConfig
 from linearsr.model.flow import FlowConfig
 from linearsr.model.network import LinearSR
 from linearsr.trainer.checkpoint import MARKER
-from linearsr.trainer.rundir import MetricsWriter, exists, join, read_json, write_json
+from linearsr.trainer.rundir import MetricsWriter
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,8 @@ def node_dir(run: str, node_id: str) -> str:
 
 FAKE_TRAINER = textwrap.dedent('''
     import argparse, json, sys, time
-    from linearsr.trainer.rundir import MetricsWriter, exists, join, read_json, write_json
+    from linearsr.trainer.rundir import MetricsWriter
+    from linearsr.core.storage import exists, join, read_json, write_json
     PLAN = json.loads({plan!r})
     p = argparse.ArgumentParser()
     for flag in ("--config", "--run", "--init", "--t-interval"):
@@ -145,7 +147,8 @@ def test_jobs_wrapper_submit_is_idempotent_and_errors_are_one_line(ray_cluster):
     jobs.stop(sleeper)
     assert jobs.wait(sleeper, timeout=60, poll=0.3).status == "STOPPED"
     assert jobs.info("no-such-job") is None
-    with pytest.raises(ConnectionError, match=r"cannot reach the Ray cluster at http://127.0.0.1:9: start one with `make ray-up` or set RAY_ADDRESS"):
+    with pytest.raises(ConnectionError,
+                       match=r"cannot reach the Ray cluster at http://127.0.0.1:9: start one with `make ray-up` or set RAY_ADDRESS"):
         Jobs("http://127.0.0.1:9")
 
 
@@ -330,7 +333,6 @@ def test_s3_run_dir_works_like_a_local_folder(ray_cluster, tmp_path, s3_bucket, 
     the equal-compute control beside the tree (as many steps as its 7 nodes together)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from linearsr.core import storage
 
     run = make_pretrain_run(f"{s3_bucket}/runs/s3run-{uuid.uuid4().hex[:6]}", tmp_path, n=30, steps=3000,
                             esgf={"experts": {"full_range_first": True, "control": True,

@@ -12,12 +12,12 @@ import uuid
 
 import pytest
 
-from linearsr.codeid import code_id
+from linearsr.core import storage
+from linearsr.core.codeid import code_id
 from linearsr.main import main
 from linearsr.model.flow import FlowConfig, Interval
-from linearsr.trainer import rundir
-from linearsr.core import storage
 from linearsr.trainer import checkpoint as ckpt
+from linearsr.trainer import rundir
 from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -208,13 +208,13 @@ def test_checkpoints_complete_and_named_in_metrics(zero2):
     assert meta["step"] == 60 and meta["samples"] == 60 * SAMPLES_PER_STEP and meta["zero_stage"] == 2
     assert meta["config"]["faults"]["die_at_step"] == 30
     assert meta["code"] == code_id()  # the job ran the files this checkout shipped with it
-    assert rundir.read_json(rundir.join(zero2, "config.json"))["run"]["url"] == zero2
+    assert storage.read_json(storage.join(zero2, "config.json"))["run"]["url"] == zero2
 
 
 def test_tensorboard_has_scalars_image_and_config(zero2):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(rundir.join(zero2, "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc = EventAccumulator(storage.join(zero2, "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
     for tag in ("loss/val_loss", "loss/train_loss", "train/lr", "train/grad_norm", "val_loss_by_interval/0,3"):
@@ -279,7 +279,7 @@ def test_zero3_on_s3_run_dir(zero3_s3):
     assert [(f.step, f.complete) for f in ckpt.list_checkpoints(zero3_s3)] == [(10, True), (20, True), (30, True)]
     meta = ckpt.read_meta(url)
     assert meta["zero_stage"] == 3 and meta["world_size"] == 2
-    assert rundir.read_json(f"{zero3_s3}/config.json")["deepspeed"]["zero_stage"] == 3
+    assert storage.read_json(f"{zero3_s3}/config.json")["deepspeed"]["zero_stage"] == 3
     assert any("tfevents" in name for name in storage.ls(f"{zero3_s3}/tb"))
 
 

@@ -65,8 +65,8 @@ def test_bf16_zero3_trains_and_consolidates_to_fp32(single_process_group, tmp_pa
     """The GPU preset's precision, on CPU: bf16 weights in the engine, an fp32 export."""
     from linearsr.model.network import LinearSR
     from linearsr.trainer.checkpoint import TAG
-    from linearsr.trainer.zero import consolidate
     from linearsr.trainer.engine import build_engine, init_distributed
+    from linearsr.trainer.zero import consolidate
 
     cfg = load_config(TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=3", "data.batch_size=2", "optim.ema_decay=0"])
     init_distributed(use_gpu=False)

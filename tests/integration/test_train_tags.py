@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from linearsr.cluster.jobs import Jobs
+from linearsr.core import storage
 from linearsr.main import main
 from linearsr.model.bundle import load_bundle
 from linearsr.model.tagger import Tagger
 from linearsr.trainer import checkpoint as ckpt
-from linearsr.trainer import rundir
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_tagger_mode_run_keeps_its_tagger_across_a_resume(ray_cluster, tiny_shar
         assert info.status == "SUCCEEDED", jobs.logs_tail(sid, 80)
 
     train(5, 1)
-    config = rundir.read_json(os.path.join(run, "config.json"))
+    config = storage.read_json(os.path.join(run, "config.json"))
     assert config["tags"]["tagger"] == os.path.join(run, "tagger.safetensors")
     assert config["model"]["tag_set"] == ["grass", "sky"]  # "cat" is switched off in the tagger
     first = ckpt.latest_complete(run)
@@ -58,7 +58,7 @@ def test_tagger_mode_run_keeps_its_tagger_across_a_resume(ray_cluster, tiny_shar
     fixed_tagger(tmp_path / "tagger" / "tagger", [2.0, 1.0, 5.0])  # the source changes; the run must not
     train(10, 2)
     assert ckpt.latest_complete(run).step == 10
-    assert rundir.read_json(os.path.join(run, "config.json"))["model"]["tag_set"] == ["grass", "sky"]
+    assert storage.read_json(os.path.join(run, "config.json"))["model"]["tag_set"] == ["grass", "sky"]
     assert Tagger.load(os.path.join(run, "tagger.safetensors")).emitted == ["sky", "grass"]
 
     assert main(["export", ckpt.latest_complete(run).url, str(tmp_path / "bundle")]) == 0
