@@ -29,7 +29,6 @@ import torch
 
 from linearsr.core import storage
 from linearsr.model.tagger import Tagger
-from linearsr.trainer import rundir
 from linearsr.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,8 @@ RUN_TAGGER = "tagger.safetensors"
 
 
 def _read_bytes(url: str) -> bytes:
-    fs, path = rundir.fs_for(url)
     try:
-        return fs.cat_file(path)
+        return storage.read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"tags.tagger {url} does not exist; `linearsr tagger train --out PREFIX` writes one") from None
 
@@ -123,7 +121,7 @@ def open_tag_source(cfg: TrainConfig, run_url: str, rank: int, device: torch.dev
         from linearsr.data.shards import read_shard_manifest
         from linearsr.trainer.tagger_fit import DEGRADATION_TAGS
 
-        shard_tags = set(read_shard_manifest(cfg.data.shards, cfg.data.s3_endpoint, cfg.data.retries).get("tags") or {})
+        shard_tags = set(read_shard_manifest(cfg.data.shards, cfg.data.s3_endpoint).get("tags") or {})
         tag_set = tuple(sorted(shard_tags | (set(DEGRADATION_TAGS) if _degradation_tags(cfg) else set())))
     if cfg.model.tag_set and cfg.model.tag_set != tag_set:
         missing, extra = sorted(set(tag_set) - set(cfg.model.tag_set)), sorted(set(cfg.model.tag_set) - set(tag_set))

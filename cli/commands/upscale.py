@@ -86,7 +86,7 @@ def make_tag_fn(args: argparse.Namespace, up: Upscaler) -> TagFn | None:
     max_tags = up.moe.cfg.max_tags
     if args.tags is not None:
         fixed = normalize_tags(args.tags, max_tags)
-        moe.experts[0].tag_embed.check(fixed)  # an unseen tag: refused (hash) or logged with its nearest (MiniLM)
+        up.moe.experts[0].tag_embed.check(fixed)  # an unseen tag: refused (hash) or logged with its nearest (MiniLM)
         return lambda lr: fixed
     if args.tagger:
         external = load_external_tagger(args.tagger)

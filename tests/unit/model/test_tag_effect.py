@@ -78,7 +78,7 @@ def test_a_trained_model_uses_its_tags_and_guidance_scales_the_effect(trained):
         images = {g: sample(trained, lr, [["stripes"]] * 4, steps=steps, guidance=g).image
                   for g in (0.0, 1.0, 2.0, 3.0)}  # guidance 0 = the unconditional prediction
         torch.testing.assert_close(images[0.0], sample(trained, lr, [[]] * 4, steps=steps).image)
-        assert (images[1.0] - images[0.0]).abs().max() > 0.02  # conditional != unconditional
+        assert (images[1.0] - images[0.0]).abs().max() > 0.005, steps  # conditional != unconditional
         energy = {g: stripe_energy(img) for g, img in images.items()}
         smooth = stripe_energy(sample(trained, lr, [["smooth"]] * 4, steps=steps).image)
         assert energy[1.0] - smooth > 0.5, (steps, smooth, energy)  # the tag decides
