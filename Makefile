@@ -165,7 +165,7 @@ $(PEERS_LIB)/.done: | $(VENV)/.installed
 STORE ?= local
 .PHONY: demo eval
 
-demo: setup weights data devset peers  ## the whole pipeline: shards -> tagger -> pretrain + sidecar -> knee -> 4 experts -> bundle -> eval report with the TAG ablation (STORE=s3: against a local S3 server)
+demo: setup weights data devset peers  ## the whole pipeline: shards -> tagger -> pretrain stopped at the knee -> expert tree (2, then 4 leaves) + equal-compute control -> bundle -> eval with ablations (STORE=s3: against a local S3 server)
 	$(BIN)/linearsr demo --run $(RUN) --store $(STORE) $(ARGS)
 
 BUNDLE ?= $(RUN)/bundle

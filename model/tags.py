@@ -132,4 +132,9 @@ class TagEmbedder(nn.Module):
             cols = torch.tensor([1 + j for t in tags for j in range(len(t))], device=tokens.device)
             tokens[rows, cols] = emb
             mask[rows, cols] = True
+        elif self.training and torch.is_grad_enabled():
+            # A batch without tags leaves the embedding's weights without a gradient on this rank only;
+            # ZeRO and DDP reduce the same gradient buckets on every rank, so a zero-weighted use keeps
+            # them in the graph (otherwise the ranks' collectives differ and gloo/NCCL abort).
+            tokens = tokens + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
         return tokens, mask

