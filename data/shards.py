@@ -29,7 +29,7 @@ import tempfile
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from linearsr.core.storage import filesystem, with_retries
+from linearsr.core.storage import filesystem, is_local, join, with_retries
 from linearsr.core.util import IMAGE_EXTENSIONS, normalize_tags, stable_hash
 from linearsr.data import pairs
 
@@ -39,16 +39,6 @@ MANIFEST = "manifest.json"
 FORMAT = "linearsr-shards/1"
 SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def join(root: str, rel: str) -> str:
-    if _is_local(root):
-        return os.path.join(root[len("file://"):] if root.startswith("file://") else root, rel)
-    return posixpath.join(root, rel)
 
 
 def describe(e: BaseException) -> str:
@@ -100,7 +90,7 @@ def list_sources(src: str) -> list[tuple[str, str]]:
         rel = posixpath.relpath(p, base) if p != base else posixpath.basename(p)
         if any(part.startswith(".") for part in rel.split("/")) or not rel.lower().endswith(IMAGE_EXTENSIONS):
             continue
-        out.append((p if _is_local(src) else fs.unstrip_protocol(p), rel))
+        out.append((p if is_local(src) else fs.unstrip_protocol(p), rel))
     return out
 
 
@@ -170,7 +160,7 @@ class _Destination:
     def __init__(self, root: str):
         self.root = root
         self.fs, self.base = filesystem(root)
-        self.local = _is_local(root)
+        self.local = is_local(root)
         self.fs.makedirs(self.base, exist_ok=True)
 
     def path(self, rel: str) -> str:

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import statistics
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from linearsr.core import storage
 
 log = logging.getLogger(__name__)
 
@@ -340,10 +341,8 @@ def print_table(result: dict) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """The results (dtypes, devices and the like as their text), written atomically."""
+    storage.write_text_atomic(str(path), json.dumps(data, indent=1, default=str) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
