@@ -42,7 +42,7 @@ $(METRIC_WEIGHTS) &: | $(VENV)/.installed  # one command writes whichever are mi
 	$(PY) -m linearsr.dev.weights $(LPIPS_WEIGHTS)
 
 test: setup weights data  ## unit + integration tests on CPU (what CI runs; fetches the photos and metric weights first, and a test missing them fails)
-	LINEARSR_REQUIRE_ASSETS=1 $(PY) -m pytest tests -q
+	LINEARSR_REQUIRE_ASSETS=1 $(PY) -m pytest tests -q --durations=15
 
 lint: setup  ## ruff (pyproject [tool.ruff]): unused and undefined names, import order, line length; CI runs it before the tests
 	$(BIN)/ruff check .

@@ -285,16 +285,20 @@ def assemble_bundle(
     export = export or _default_export
     write_bundle = write_bundle or _default_write_bundle
     check_partition([e.interval for e in experts])
+    # the bundle's model config is the one its experts trained with (their exports carry it): the run's
+    # config.json as the sidecar first read it may predate what the trainer resolved (model.tag_set)
+    model_config = config.get("model") or {}
     with tempfile.TemporaryDirectory(prefix="linearsr-bundle-") as tmp:
         entries = []
         for i, e in enumerate(experts):
             log.info("expert %d %s: exporting step %d (val loss %.4g) from %s", i, e.interval, e.step, e.val_loss, e.checkpoint)
             export(e.checkpoint, os.path.join(tmp, f"expert_{i}"))
-            weights = read_json(os.path.join(tmp, f"expert_{i}.json")).get("weights")
+            meta = read_json(os.path.join(tmp, f"expert_{i}.json"))
+            weights, model_config = meta.get("weights"), meta.get("model") or model_config
             entries.append({"interval": [e.interval.lo, e.interval.hi], "weights": f"expert_{i}.safetensors",
                             "val_loss": e.val_loss, "node": e.node, "checkpoint": e.checkpoint, "step": e.step,
                             "weights_from": weights})
-        write_bundle(tmp, experts=entries, model_config=config.get("model") or {}, knee_step=knee_step, tagger=None,
+        write_bundle(tmp, experts=entries, model_config=model_config, knee_step=knee_step, tagger=None,
                      extra=extra)
         storage.upload_dir(tmp, run.bundle, [n for n in sorted(os.listdir(tmp)) if n != MANIFEST])
         storage.put_file(os.path.join(tmp, MANIFEST), storage.join(run.bundle, MANIFEST))  # last
