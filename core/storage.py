@@ -291,17 +291,20 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def read_json(url: str, what: str | None = None) -> Any:
-    """The JSON at url. With `what` ("bundle manifest"), a missing file or bad JSON is one
-    sentence naming it: FileNotFoundError / ValueError."""
+def read_json(url: str, what: str | None = None, raw: bool = False) -> Any:
+    """The JSON at url, "nan"/"inf"/"-inf" strings read back as floats unless `raw` (a format
+    whose readers parse those strings themselves, e.g. a bundle's interval bounds). With `what`
+    ("bundle manifest"), a missing file or bad JSON is one sentence naming it: FileNotFoundError /
+    ValueError."""
+    parse = json.loads if raw else loads
     if what is None:
-        return loads(read_text(url))
+        return parse(read_text(url))
     try:
         text = read_text(url)
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"{what} {url!r} does not exist") from None
     try:
-        return loads(text)
+        return parse(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {url!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 

@@ -51,7 +51,7 @@ def save_expert(prefix: str | Path, model: LinearSR, meta: dict[str, Any] | None
 def read_expert_meta(weights: str | Path) -> dict[str, Any]:
     """The JSON beside an expert's .safetensors (readable without building the model)."""
     weights = Path(weights)
-    return storage.read_json(str(weights.with_suffix(".json")), "expert metadata")
+    return storage.read_json(str(weights.with_suffix(".json")), "expert metadata", raw=True)
 
 
 def _load_weights(model: LinearSR, weights: Path) -> LinearSR:
@@ -145,7 +145,7 @@ def write_bundle(
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    return storage.read_json(str(Path(bundle_dir) / MANIFEST), "bundle manifest")
+    return storage.read_json(str(Path(bundle_dir) / MANIFEST), "bundle manifest", raw=True)
 
 
 def load_bundle(path: str | Path, ae_path: str | None = None) -> MoE:

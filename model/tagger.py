@@ -152,7 +152,7 @@ class Tagger(nn.Module):
         if weights.suffix != ".safetensors":
             weights = weights.with_name(weights.name + ".safetensors")
         meta_path = weights.with_suffix(".json")
-        meta = storage.read_json(str(meta_path), "tagger metadata")
+        meta = storage.read_json(str(meta_path), "tagger metadata", raw=True)
         if meta.get("kind") != KIND:
             raise ValueError(f"tagger {str(weights)!r} is not a {KIND} file (kind {meta.get('kind')!r}); "
                              "train a new one with `linearsr tagger train`")

@@ -118,6 +118,13 @@ class TagEmbedder(nn.Module):
             return self.embed(ids)
         return self.proj(MiniLMEncoder.encode(flat).to(device=device, dtype=self.proj.weight.dtype))
 
+    def _unused_weights(self) -> torch.Tensor:
+        """The embedding module's output for one dummy input (a tag-free batch's stand-in)."""
+        device = self.null.device
+        if self.cfg.tag_encoder == "hash":
+            return self.embed(torch.zeros(1, dtype=torch.long, device=device))
+        return self.proj(torch.zeros(1, MINILM_DIM, device=device, dtype=self.proj.weight.dtype))
+
     def forward(self, tags: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         tags = [normalize_tags(t, self.cfg.max_tags) for t in tags]
         num_b, num_t = len(tags), 1 + max((len(t) for t in tags), default=0)
@@ -136,5 +143,6 @@ class TagEmbedder(nn.Module):
             # A batch without tags leaves the embedding's weights without a gradient on this rank only;
             # ZeRO and DDP reduce the same gradient buckets on every rank, so a zero-weighted use keeps
             # them in the graph (otherwise the ranks' collectives differ and gloo/NCCL abort).
-            tokens = tokens + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+            # The weights go through their module's forward, which ZeRO-3 needs to gather them.
+            tokens = tokens + 0.0 * self._unused_weights().sum()
         return tokens, mask

@@ -68,7 +68,7 @@ def test_a_killed_node_and_a_crash_while_saving_cost_at_most_one_interval_each(t
         "data.shuffle_buffer=4", "data.crops_per_image=1", f"validation.every={EVERY}", f"checkpoint.every={EVERY}",
         "validation.max_batches=1", "validation.image_every=0", "flow.val_points_per_interval=1",
         "run.steps=40", "run.log_every=5", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
-        "cluster.max_failures=3", f"cluster.address={cluster.address}",
+        "cluster.max_failures=3", f"cluster.address={cluster.address}", "tags.source=photo",
         "faults.die_at_step=30", "faults.die_rank=0", "faults.die_during_checkpoint=true",
         f"faults.die_once_marker={marker}",
     ]).replace(run={"url": run})
