@@ -324,8 +324,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _publish_local(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write via a temp file in the same folder: fsync, rename into place, fsync the folder.
+def write_local_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """A local file written by `write(f)` that a reader sees whole or not at all: a temp file in the
+    same folder, fsync, rename into place, fsync the folder.
     The file gets a plain open()'s permissions (0666 minus the umask)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -347,14 +348,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """A whole file that a reader sees old or new, never mixed. Local: temp + fsync + rename.
     Object stores: one PUT (atomic), retried (a retried PUT writes the same bytes again)."""
     if is_local(url):
-        _publish_local(local_path(url), lambda f: f.write(data))
+        write_local_atomic(local_path(url), lambda f: f.write(data))
     else:
         _remote(url, "write", lambda fs, p: fs.pipe_file(p, data))
-
-
-def write_local_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """A local file written by `write(f)` that a reader sees whole or not at all (temp + fsync + rename)."""
-    _publish_local(path, write)
 
 
 def write_safetensors(url: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -378,7 +374,7 @@ def put_file(src: str, url: str) -> None:
     retried by botocore; the object appears only when complete)."""
     if is_local(url):
         with open(src, "rb") as fin:
-            _publish_local(local_path(url), lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
+            write_local_atomic(local_path(url), lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
     else:
         _remote(url, "upload to", lambda fs, p: fs.put_file(src, p))
 

@@ -55,9 +55,7 @@ def format_bound(x: float) -> str:
     return f"{x:g}"
 
 
-def parse_bound(s: str | float) -> float:
-    if isinstance(s, (int, float)):  # JSON read by core.storage turns "inf" back into a float
-        return float(s)
+def parse_bound(s: str) -> float:
     s = s.strip().lower()
     if s in ("inf", "+inf"):
         return INF

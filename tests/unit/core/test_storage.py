@@ -104,7 +104,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_behind(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        storage._publish_local(url, boom)
+        storage.write_local_atomic(url, boom)
     assert open(url).read() == "old" and os.listdir(tmp_path) == ["state.json"]
     assert oct(os.stat(url).st_mode & 0o777) == oct(0o666 & ~_umask())
 
